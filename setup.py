@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-bigmac",
+    version="0.1.0",
+    description="Communication-efficient MoE (BigMac, Fine-Grained, Vanilla) for megatron-core",
+    packages=find_packages(include=["megatron_bigmac", "megatron_bigmac.*"]),
+    package_data={"megatron_bigmac": ["assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is installed first (CPU wheel here, CUDA build on GPUs); any 2.6+ has _grouped_mm.
+        "torch>=2.6",
+        # 0.16.1 is the newest release that installs on Python 3.11; compat.py is gated on it.
+        "megatron-core==0.16.1",
+        "numpy",
+        "pyyaml",
+    ],
+    extras_require={
+        "data": ["datasets", "tiktoken", "tokenizers"],
+        "report": ["matplotlib"],
+        "test": ["pytest"],
+    },
+)
