@@ -1,0 +1,201 @@
+"""The ONLY place that works around megatron-core / PyTorch versions.
+
+Every shim below names the versions it is for and why it exists. `apply()` is idempotent and is
+called once when `megatron_bigmac` is imported. Shims split in two groups:
+
+* everywhere (GPU too): bugs of megatron-core 0.16.x that bite without transformer-engine;
+* CPU-only hosts (no CUDA device): megatron-core's MoE path assumes CUDA for streams, RNG and
+  allocation. These let the stock code and ours run on CPU with gloo (tests, CI, the README
+  command). None of them is active when `torch.cuda.is_available()`.
+
+See ../shared/design/MCORE_CPU.md for the measurements behind each one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: megatron-core release lines these shims were written against (and tested on).
+SUPPORTED_MCORE = ("0.16.",)
+
+_applied = False
+
+
+def mcore_version() -> str:
+    return importlib.metadata.version("megatron-core")
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cpu_only() -> bool:
+    return not torch.cuda.is_available()
+
+
+def apply() -> None:
+    """Apply every shim that this megatron-core / host needs. Safe to call twice."""
+    global _applied
+    if _applied:
+        return
+    version = mcore_version()
+    if not version.startswith(SUPPORTED_MCORE):
+        # Newer releases may have fixed (or moved) what we patch: refuse silently patching them.
+        logger.warning(
+            "megatron-core %s is not one of %s: compatibility shims are not applied", version,
+            SUPPORTED_MCORE,
+        )
+        _applied = True
+        return
+    _bind_te_general_gemm()
+    _all_to_all_int_splits()
+    if cpu_only():
+        _cpu_current_device()
+        _cpu_dispatcher_streams()
+        _cpu_rng_tracker()
+        _cpu_causal_mask()
+    _applied = True
+
+
+# --------------------------------------------------------------------------------------------
+# Everywhere
+# --------------------------------------------------------------------------------------------
+
+
+def _bind_te_general_gemm() -> None:
+    """0.16.x: `moe_utils.RouterGatingLinearFunction` tests `te_general_gemm is not None`, but the
+    name is only bound when transformer-engine imports, so the router raises NameError without TE
+    (on CPU and GPU alike). Bind it to None so the router takes its torch matmul path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _as_int_list(splits):
+    if splits is None or isinstance(splits, list):
+        return splits
+    if torch.is_tensor(splits):
+        return splits.tolist()
+    return [int(s) for s in splits]
+
+
+def _all_to_all_int_splits() -> None:
+    """0.16.x: the alltoall dispatcher hands split sizes to `_AllToAll` as CPU tensors (CPU) or
+    numpy arrays (GPU); torch>=2.13's `all_to_all_single` binding accepts only sequences of ints.
+    Converting to lists of ints is exact, so it is applied on every device."""
+    from megatron.core.tensor_parallel import mappings
+
+    forward = mappings._AllToAll.forward
+
+    def forward_with_int_splits(ctx, group, input, output_split_sizes, input_split_sizes):
+        return forward(
+            ctx, group, input, _as_int_list(output_split_sizes), _as_int_list(input_split_sizes)
+        )
+
+    mappings._AllToAll.forward = staticmethod(forward_with_int_splits)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU-only hosts
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_current_device() -> None:
+    """0.16.x allocates communication buffers and moves router weights with
+    `device=torch.cuda.current_device()` (tensor_parallel.mappings, global memory buffer,
+    Router.gating, ...), which raises on a host without CUDA. On such a host the only device is
+    the CPU, so answer that; nothing else in torch is changed."""
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+
+class _NullStream:
+    """Stands in for the dispatcher's D2H side stream on CPU, where tensors already live on host."""
+
+    def wait_stream(self, stream):
+        pass
+
+    def record_event(self):
+        return self
+
+    def synchronize(self):
+        pass
+
+
+def _cpu_dispatcher_streams() -> None:
+    """0.16.x: `MoEAlltoAllTokenDispatcher.__init__` creates `torch.cuda.Stream()` and
+    `_maybe_dtoh_and_synchronize` copies routing metadata to host on it. On CPU the metadata is
+    already on host: give the class a null stream and make the D2H step a no-op."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NullStream()
+
+    def host_metadata_already(self, point, tokens_per_expert=None):
+        return tokens_per_expert
+
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = host_metadata_already
+
+
+def _cpu_rng_tracker() -> None:
+    """0.16.x: the model-parallel RNG tracker (`model_parallel_cuda_manual_seed`,
+    `get_cuda_rng_tracker().fork()`) reads and writes the CUDA generator. On CPU, back the same
+    tracker with the CPU generator so that per-TP/EP-rank dropout streams keep their meaning (and
+    no 'CPU RNG state changed within GPU RNG context' warning is raised)."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    initialize = mcore_random.initialize_rng_tracker
+
+    def initialize_cpu_rng_tracker(*args, **kwargs):
+        initialize(*args, **kwargs)
+        if not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+            mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+
+    mcore_random.initialize_rng_tracker = initialize_cpu_rng_tracker
+    # model_parallel_cuda_manual_seed seeds CUDA first; on CPU that is a lazy no-op, keep it.
+
+
+def _cpu_causal_mask() -> None:
+    """0.16.x: `transformer.utils.get_default_causal_mask` builds the mask on "cuda" when the
+    caller passes none (fused_softmax imports it by name, so patch both places)."""
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    utils.get_default_causal_mask = get_default_causal_mask
+    fused_softmax.get_default_causal_mask = get_default_causal_mask
