@@ -59,6 +59,7 @@ def apply() -> None:
         return
     _bind_te_general_gemm()
     _all_to_all_int_splits()
+    _gloo_uneven_all_gather()
     if cpu_only():
         _cpu_current_device()
         _cpu_dispatcher_streams()
@@ -104,6 +105,29 @@ def _all_to_all_int_splits() -> None:
         )
 
     mappings._AllToAll.forward = staticmethod(forward_with_int_splits)
+
+
+def _gloo_uneven_all_gather() -> None:
+    """0.16.x: with expert tensor parallelism the alltoall dispatcher all-gathers a different
+    number of tokens from each rank (`_gather_along_first_dim(..., output_split_sizes)`), which
+    gloo rejects ("invalid tensor size"); NCCL accepts it. On gloo groups only, pad every rank's
+    rows to the largest split, gather evenly, and drop the padding: the same result. (The
+    backward, an uneven reduce-scatter, works on gloo as it is.)"""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather = mappings._gather_along_first_dim
+
+    def gather_uneven_on_gloo(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or dist.get_backend(group) != "gloo":
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        rows = max(output_split_sizes)
+        padded = input_.new_zeros((rows,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        chunks = gather(padded, group).split(rows)
+        return torch.cat([chunk[:n] for chunk, n in zip(chunks, output_split_sizes)])
+
+    mappings._gather_along_first_dim = gather_uneven_on_gloo
 
 
 # --------------------------------------------------------------------------------------------

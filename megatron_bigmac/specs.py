@@ -1,0 +1,79 @@
+"""Layer specs: what users pass to megatron-core's GPTModel (or Megatron-LM's --spec).
+
+    config = BigMacConfig(..., moe_structure="bigmac")
+    model = GPTModel(config=config, transformer_layer_spec=get_moe_gpt_layer_spec(config), ...)
+
+Every transformer layer is attention + an MoE layer of `config.moe_structure`; only megatron-core
+and PyTorch modules are used (no transformer-engine needed): megatron-core's local attention
+projections and norms, SDPA core attention, GroupedExperts, and BigMacMoELayer for BigMac.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_bigmac.attention import SDPAttention
+from megatron_bigmac.config import BigMacConfig
+from megatron_bigmac.moe import BigMacMoELayer, GroupedExperts
+
+
+def get_moe_module_spec(structure: str) -> ModuleSpec:
+    """The MoE layer of one structure: BigMac adds the descend/ascend projections around
+    megatron-core's dispatch/experts/combine; Fine-Grained and Vanilla are megatron-core's
+    MoELayer with grouped experts (they differ only in widths, set by the config)."""
+    layer = BigMacMoELayer if structure == "bigmac" else MoELayer
+    return ModuleSpec(module=layer, submodules=MoESubmodules(experts=GroupedExperts))
+
+
+def get_moe_gpt_layer_spec(
+    config: BigMacConfig, attention: str = "sdpa", normalization: Optional[str] = None
+) -> ModuleSpec:
+    """A GPT transformer layer whose MLP is an MoE layer of `config.moe_structure`.
+
+    attention: "sdpa" (fused kernels via PyTorch) or "local" (megatron-core's unfused reference).
+    """
+    if attention not in ("sdpa", "local"):
+        raise ValueError(f"attention: {attention!r} is not one of sdpa, local")
+    spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts,
+        qk_layernorm=config.qk_layernorm,
+        normalization=normalization or config.normalization,
+    )
+    self_attention = spec.submodules.self_attention
+    if attention == "sdpa":
+        self_attention = dataclasses.replace(
+            self_attention,
+            submodules=dataclasses.replace(self_attention.submodules, core_attention=SDPAttention),
+        )
+    submodules = dataclasses.replace(
+        spec.submodules,
+        self_attention=self_attention,
+        mlp=get_moe_module_spec(config.moe_structure),
+    )
+    return dataclasses.replace(spec, submodules=submodules)
+
+
+def build_gpt_model(
+    config: BigMacConfig,
+    vocab_size: int,
+    max_sequence_length: int,
+    attention: str = "sdpa",
+    **gpt_kwargs,
+) -> GPTModel:
+    """GPTModel with every layer MoE (learned absolute positions and tied embeddings by default,
+    as GPT-2/3 and the paper's parameter counts)."""
+    gpt_kwargs.setdefault("position_embedding_type", "learned_absolute")
+    gpt_kwargs.setdefault("share_embeddings_and_output_weights", True)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_moe_gpt_layer_spec(config, attention=attention),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        **gpt_kwargs,
+    )
