@@ -60,6 +60,7 @@ def apply() -> None:
     _bind_te_general_gemm()
     _all_to_all_int_splits()
     _gloo_uneven_all_gather()
+    _quiet_unknown_mlp_warning()
     if cpu_only():
         _cpu_current_device()
         _cpu_dispatcher_streams()
@@ -128,6 +129,20 @@ def _gloo_uneven_all_gather() -> None:
         return torch.cat([chunk[:n] for chunk, n in zip(chunks, output_split_sizes)])
 
     mappings._gather_along_first_dim = gather_uneven_on_gloo
+
+
+class _DropUnknownMoELayerWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+def _quiet_unknown_mlp_warning() -> None:
+    """0.16.x: TransformerLayer recognises MoE layers by identity (`module in (MoELayer, ...)`),
+    so it logs "Unknown MLP type" once per layer for MoELayer subclasses such as BigMacMoELayer,
+    which get their process groups from the spec's params instead (specs.get_moe_module_spec)."""
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+        _DropUnknownMoELayerWarning()
+    )
 
 
 # --------------------------------------------------------------------------------------------

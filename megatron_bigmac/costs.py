@@ -15,7 +15,7 @@ Three MoE structures (every layer is an MoE layer; no shared experts):
     bigmac        x' = x W_down (h -> r*h), E experts r*h -> f -> r*h (paper: f = h),
                   y = y' W_up (r*h -> h); W_down/W_up shared by the layer's experts, no bias
     vanilla       a few large experts h -> f -> h (e.g. 4 experts of f = 4h: equal expert params)
-The router always reads the full-width x (h x E weights, no bias).
+The router always reads the full-width x (h x E weights, a bias with add_bias_linear).
 
 Run `python -m megatron_bigmac.costs` for the paper comparison table.
 """
@@ -141,7 +141,8 @@ class MoEModelShape:
             structure=structure,
             expert_ffn_hidden_size=ffn,
             latent_size=latent,
-            gated=bool(getattr(config, "gated_linear_unit", False)),
+            gated=bool(getattr(config, "gated_linear_unit", False))
+            or getattr(config, "moe_expert_activation", None) == "swiglu",
             untie_embeddings=bool(getattr(config, "untie_embeddings_and_output_weights", False)),
             linear_bias=bool(getattr(config, "add_bias_linear", True)),
             normalization=getattr(config, "normalization", "LayerNorm"),
@@ -181,7 +182,7 @@ def count_parameters(shape: MoEModelShape) -> dict:
     output_layer  V*h when untied, else 0 (tied: the logits reuse the word embeddings)
     attention     QKV + output projection (+ biases), all layers
     layernorm     two norms per layer + the final norm
-    router        h*E per layer (no bias), all layers
+    router        h*E per layer (+ E biases with linear_bias, as megatron-core's TopKRouter)
     projections   BigMac's W_down h x r*h and W_up r*h x h per layer, all layers (0 otherwise)
     experts       all experts of all layers
     moe_layer     router + projections + experts of ONE layer (not a sum over layers)
@@ -195,7 +196,7 @@ def count_parameters(shape: MoEModelShape) -> dict:
     fc1_out = 2 * f if shape.gated else f  # swiglu: gate and up halves in one fc1
 
     per_expert = d * fc1_out + f * d + (fc1_out + d if shape.expert_bias else 0)
-    router = h * E
+    router = h * E + (E if shape.linear_bias else 0)
     projections = 2 * h * d if shape.structure == "bigmac" else 0
     moe_layer = router + projections + E * per_expert
 

@@ -15,6 +15,7 @@ from typing import Optional
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -23,16 +24,26 @@ from megatron_bigmac.config import BigMacConfig
 from megatron_bigmac.moe import BigMacMoELayer, GroupedExperts
 
 
-def get_moe_module_spec(structure: str) -> ModuleSpec:
+def get_moe_module_spec(
+    structure: str, pg_collection: Optional[ProcessGroupCollection] = None
+) -> ModuleSpec:
     """The MoE layer of one structure: BigMac adds the descend/ascend projections around
     megatron-core's dispatch/experts/combine; Fine-Grained and Vanilla are megatron-core's
-    MoELayer with grouped experts (they differ only in widths, set by the config)."""
+    MoELayer with grouped experts (they differ only in widths, set by the config).
+
+    pg_collection: the process groups to use; None takes megatron-core's global parallel_state
+    (megatron-core 0.16's TransformerLayer hands groups only to MoELayer itself, so pass them
+    here for BigMac)."""
     layer = BigMacMoELayer if structure == "bigmac" else MoELayer
-    return ModuleSpec(module=layer, submodules=MoESubmodules(experts=GroupedExperts))
+    params = {} if pg_collection is None else {"pg_collection": pg_collection}
+    return ModuleSpec(module=layer, params=params, submodules=MoESubmodules(experts=GroupedExperts))
 
 
 def get_moe_gpt_layer_spec(
-    config: BigMacConfig, attention: str = "sdpa", normalization: Optional[str] = None
+    config: BigMacConfig,
+    attention: str = "sdpa",
+    normalization: Optional[str] = None,
+    pg_collection: Optional[ProcessGroupCollection] = None,
 ) -> ModuleSpec:
     """A GPT transformer layer whose MLP is an MoE layer of `config.moe_structure`.
 
@@ -54,7 +65,7 @@ def get_moe_gpt_layer_spec(
     submodules = dataclasses.replace(
         spec.submodules,
         self_attention=self_attention,
-        mlp=get_moe_module_spec(config.moe_structure),
+        mlp=get_moe_module_spec(config.moe_structure, pg_collection),
     )
     return dataclasses.replace(spec, submodules=submodules)
 
@@ -64,6 +75,7 @@ def build_gpt_model(
     vocab_size: int,
     max_sequence_length: int,
     attention: str = "sdpa",
+    pg_collection: Optional[ProcessGroupCollection] = None,
     **gpt_kwargs,
 ) -> GPTModel:
     """GPTModel with every layer MoE (learned absolute positions and tied embeddings by default,
@@ -72,8 +84,11 @@ def build_gpt_model(
     gpt_kwargs.setdefault("share_embeddings_and_output_weights", True)
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_moe_gpt_layer_spec(config, attention=attention),
+        transformer_layer_spec=get_moe_gpt_layer_spec(
+            config, attention=attention, pg_collection=pg_collection
+        ),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
+        pg_collection=pg_collection,
         **gpt_kwargs,
     )

@@ -36,10 +36,10 @@ def test_bigmac_adds_exactly_the_two_projections():
 
 
 def test_vanilla_has_the_same_expert_parameters():
-    # 4 x (h -> 4h -> h) = 64 x (h -> h/4 -> h) = 32 h^2; only the router (h x E) differs.
+    # 4 x (h -> 4h -> h) = 64 x (h -> h/4 -> h) = 32 h^2; only the router (h x E + E) differs.
     vanilla, fine = count_parameters(paper_shape("vanilla")), count_parameters(paper_shape("fine_grained"))
     assert vanilla["experts"] == fine["experts"]
-    assert fine["moe_layer"] - vanilla["moe_layer"] == 2048 * (64 - 4)
+    assert fine["moe_layer"] - vanilla["moe_layer"] == (2048 + 1) * (64 - 4)
 
 
 @pytest.mark.parametrize("structure, stated", [("fine_grained", "3,490.67"), ("bigmac", "3,649.00")])
@@ -101,11 +101,11 @@ def test_tiny_parameters_by_hand():
     assert p["output_layer"] == 0  # tied
     assert p["attention"] == 2 * ((8 * 24 + 24) + (8 * 8 + 8))  # QKV + proj with biases = 2 x 288
     assert p["layernorm"] == 5 * 16  # 2 per layer + final, weight and bias
-    assert p["router"] == 2 * 32
+    assert p["router"] == 2 * (32 + 4)  # h x E weights + E biases (linear_bias, megatron's default)
     assert p["projections"] == 2 * (8 * 4 + 4 * 8)
     assert p["experts"] == 2 * 4 * (4 * 8 + 8 * 4)
-    assert p["moe_layer"] == 32 + 64 + 256
-    assert p["total"] == 160 + 576 + 80 + 64 + 128 + 512 == 1520
+    assert p["moe_layer"] == 36 + 64 + 256
+    assert p["total"] == 160 + 576 + 80 + 72 + 128 + 512 == 1528
 
 
 def test_tiny_flops_by_hand():
