@@ -54,7 +54,7 @@ from megatron_bigmac.data.tokenizer import (
     build_tokenizer,
 )
 
-#: File endings read from local disk, and the ``datasets`` builder that reads each.
+#: File endings of local data files (JSON Lines, optionally compressed; Parquet).
 _JSON_SUFFIXES = (".jsonl", ".json")
 _COMPRESSION_SUFFIXES = ("", ".gz", ".bz2", ".xz")
 _PARQUET_SUFFIXES = (".parquet",)
@@ -76,30 +76,30 @@ class PreprocessError(Exception):
 
 @dataclass
 class Source:
-    """A resolved ``--dataset``: local data files, or a dataset name for ``load_dataset``."""
+    """A resolved ``--dataset``: local data files, or a name for ``datasets.load_dataset``."""
 
     name: str  # for messages
-    builder: Optional[str] = None  # "json" or "parquet" for local files; None for hub/repo
+    format: Optional[str] = None  # "jsonl" or "parquet" for local files; None: hub dataset
     files: List[str] = field(default_factory=list)
 
 
 def _local_format(path: str) -> Optional[str]:
-    """The ``datasets`` builder for a local data file name, or None if it is not one."""
+    """"jsonl" or "parquet" from a local data file's name; None if it is neither."""
     lower = path.lower()
     if lower.endswith(_PARQUET_SUFFIXES):
         return "parquet"
     for comp in _COMPRESSION_SUFFIXES:
         if any(lower.endswith(s + comp) for s in _JSON_SUFFIXES):
-            return "json"
+            return "jsonl"
     return None
 
 
 def resolve_source(datasets: Sequence[str]) -> Source:
     """Decide whether ``--dataset`` names local files/globs or one hub dataset, and check it.
 
-    Local: anything with glob characters, a data-file ending (.jsonl[.gz|.bz2|.xz|.zst], .json*,
-    .parquet) or an existing file. Otherwise one hub name (or a local dataset repository
-    directory), passed to ``datasets.load_dataset`` as is.
+    Local: anything with glob characters, a data-file ending (.jsonl or .json, each optionally
+    .gz/.bz2/.xz; .parquet) or an existing file. Anything else is one hub name (or a local
+    dataset repository directory), passed to ``datasets.load_dataset`` as is.
     """
     looks_local = [
         bool(_GLOB_CHARS & set(d)) or _local_format(d) is not None or os.path.isfile(d)
@@ -124,10 +124,10 @@ def resolve_source(datasets: Sequence[str]) -> Source:
     formats = {_local_format(f) for f in files}
     if None in formats:
         odd = next(f for f in files if _local_format(f) is None)
-        raise PreprocessError(f"{odd!r} is not JSONL (.jsonl/.json, optionally compressed) or Parquet")
+        raise PreprocessError(f"{odd!r} is neither JSONL (.jsonl/.json[.gz|.bz2|.xz]) nor Parquet")
     if len(formats) > 1:
         raise PreprocessError("local files mix JSONL and Parquet: preprocess them separately")
-    return Source(name=", ".join(datasets), builder=formats.pop(), files=files)
+    return Source(name=", ".join(datasets), format=formats.pop(), files=files)
 
 
 # Local JSONL: the main process only decompresses and cuts the byte stream at line ends; the
@@ -286,9 +286,9 @@ def _group_texts(
 
 def iter_tasks(source: Source, args: argparse.Namespace) -> Iterator[Task]:
     """The only per-source step: tasks of documents, in corpus order, for the workers."""
-    if source.builder == "json":
+    if source.format == "jsonl":
         return iter_jsonl_chunks(source.files, args.json_key, chunk_bytes=args.task_chars)
-    if source.builder == "parquet":
+    if source.format == "parquet":
         return iter_parquet_tasks(source.files, args.json_key, args.task_chars)
     return iter_hub_tasks(source, args)
 
@@ -487,7 +487,8 @@ class Summary:
     def tokens_per_s(self) -> float:
         return self.tokens / self.elapsed_s
 
-    def print(self, file=sys.stderr) -> None:
+    def print(self, file=None) -> None:
+        file = file or sys.stderr  # looked up per call: tests and callers may swap sys.stderr
         print(
             f"[preprocess] done: {self.documents:,} documents, {self.tokens:,} tokens "
             f"(incl. {self.documents:,} <|endoftext|>), {self.text_bytes / 1e6:,.2f} MB text, "

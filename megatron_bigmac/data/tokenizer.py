@@ -47,7 +47,9 @@ DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "gpt2"
 BACKENDS = ("auto", "tiktoken", "tokenizers")
 
 # GPT-2's pre-tokenization regex (tiktoken's ``r50k_base``/``gpt2`` pattern).
-_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+_GPT2_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
 
 # Known-good (text, ids) pairs for the GPT-2 files: contractions, digits, multi-byte UTF-8,
 # runs of spaces, newlines and a literal end-of-text marker (which is ordinary text in a document).
@@ -128,7 +130,9 @@ def _mergeable_ranks(vocab: Dict[str, int], merges: List[Tuple[str, str]]) -> Di
     256 + its line in merges.txt (true for GPT-2). Checked here; raise otherwise.
     """
     byte_of = {char: b for b, char in bytes_to_unicode().items()}
-    ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items() if token != EOD_TOKEN}
+    ranks = {
+        bytes(byte_of[c] for c in token): i for token, i in vocab.items() if token != EOD_TOKEN
+    }
     singles = sorted(i for tok, i in ranks.items() if len(tok) == 1)
     consistent = singles == list(range(256)) and all(
         vocab.get(a + b) == 256 + line for line, (a, b) in enumerate(merges)

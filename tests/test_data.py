@@ -1,0 +1,314 @@
+"""Data pipeline: GPT-2 tokenizer, corpus -> megatron-core indexed dataset, bad inputs.
+
+Uses the sample shipped in the package, small files made here, and (where present) the offline
+data in ../shared/data beside the repository, whose README gives the expected counts.
+"""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# Never reach for the hub: the hub code path is exercised with a local dataset repository.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.utils import Split
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+from megatron_bigmac.data import GPT2_EOD_ID, build_tokenizer
+from megatron_bigmac.data.preprocess import main as preprocess_main
+from megatron_bigmac.data.tokenizer import DEFAULT_TOKENIZER_DIR, TokenizerFilesError
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "megatron_bigmac" / "assets" / "sample"
+SAMPLE_TRAIN = SAMPLE / "enwiki-2015-sample-train.jsonl.gz"
+SAMPLE_VALID = SAMPLE / "enwiki-2015-sample-valid.jsonl.gz"
+WIKITEXT = SAMPLE / "wikitext-2-raw-v1-test.articles.jsonl.gz"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "README.md").is_file(),
+    reason=f"offline data {SHARED} not present (it sits beside the repository on CI)",
+)
+
+
+def read_texts(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def write_jsonl(path, records):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def run(capsys, *argv):
+    """Run the CLI in-process; return (exit code, stderr)."""
+    code = preprocess_main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def read_docs(prefix):
+    ds = IndexedDataset(str(prefix))
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def expected_docs(tokenizer, texts):
+    return [ids + [GPT2_EOD_ID] for ids in tokenizer.tokenize_batch(texts)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+# ---------------------------------------------------------------------------------- tokenizer
+
+
+@pytest.mark.parametrize("backend", ["tiktoken", "tokenizers"])
+def test_hello_world(backend):
+    tok = build_tokenizer(backend=backend)
+    assert tok.backend == backend
+    assert tok.tokenize("Hello world") == [15496, 995]
+    assert tok.detokenize([15496, 995]) == "Hello world"
+    assert (tok.vocab_size, tok.eod, tok.eos, tok.bos) == (50257, 50256, 50256, 50256)
+
+
+def test_megatron_tokenizer_interface(tok):
+    # One object for the trainer, Megatron-LM and GPTDataset: megatron-core's tokenizer API.
+    assert isinstance(tok, MegatronTokenizerBase)
+    assert tok.vocab["<|endoftext|>"] == 50256 and tok.inv_vocab[995] == "Ġworld"
+    assert Path(tok.vocab_file).parent == DEFAULT_TOKENIZER_DIR
+    json.dumps(tok.unique_identifiers)  # megatron-core hashes it for its dataset caches
+    with pytest.raises(AttributeError):
+        tok.pad  # no pad token: GPTDataset then uses its own pad id
+    # A literal end-of-text marker inside a document is ordinary text, not the eod id.
+    assert GPT2_EOD_ID not in tok.tokenize("a <|endoftext|> b")
+
+
+def test_backends_agree_on_sample(tok):
+    texts = read_texts(SAMPLE_TRAIN)[:80] + read_texts(WIKITEXT)
+    hf = build_tokenizer(backend="tokenizers")
+    assert hf.tokenize_batch(texts) == tok.tokenize_batch(texts)
+
+
+def test_tokenizer_dir_errors(tmp_path):
+    with pytest.raises(TokenizerFilesError, match="does not exist"):
+        build_tokenizer(tmp_path / "nope")
+    (tmp_path / "vocab.json").write_text("{}")
+    with pytest.raises(TokenizerFilesError, match="lacks merges.txt"):
+        build_tokenizer(tmp_path)
+
+
+# ------------------------------------------------------------------- round trip and GPTDataset
+
+
+def test_round_trip_with_validation_split(tmp_path, capsys, tok):
+    prefix = tmp_path / "wiki"
+    code, err = run(capsys, "--dataset", SAMPLE_TRAIN, "--output-prefix", prefix,
+                    "--split-validation", 20, "--workers", 2, "--task-chars", 100_000)
+    assert code == 0, err
+    assert "done: 261 documents" in err and "M tokens/s" in err
+    expected = expected_docs(tok, read_texts(SAMPLE_TRAIN))
+    # Held out by whole documents: the first 20 go to validation, the rest to training.
+    assert read_docs(f"{prefix}_valid_text_document") == expected[:20]
+    assert read_docs(f"{prefix}_train_text_document") == expected[20:]
+    assert IndexedDataset(f"{prefix}_train_text_document").index.dtype == np.uint16
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"wiki_{s}_text_document.{e}" for s in ("train", "valid") for e in ("bin", "idx")
+    ]
+
+
+def test_gpt_dataset_reads_output(tmp_path, capsys, tok):
+    prefix = tmp_path / "v"
+    assert run(capsys, "--dataset", SAMPLE_VALID, "--output-prefix", prefix, "--workers", 0)[0] == 0
+    path = f"{prefix}_text_document"
+    indexed = IndexedDataset(path)
+    seq = 64
+    config = GPTDatasetConfig(
+        random_seed=1234, sequence_length=seq, blend=([path], None), split="1,0,0",
+        tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False, path_to_cache=None,
+    )
+    gpt = GPTDataset(indexed, path, np.arange(len(indexed), dtype=np.int32), None, Split.train,
+                     config)
+    # Every sample is the window that GPTDataset's indices point at in the stream of our own
+    # tokenizer's documents (in GPTDataset's shuffled document order).
+    docs = expected_docs(tok, read_texts(SAMPLE_VALID))
+    stream = np.concatenate([docs[d] for d in gpt.document_index])
+    starts = np.concatenate([[0], np.cumsum([len(docs[d]) for d in gpt.document_index])])
+    assert len(gpt) == (len(stream) - 1) // seq
+    for i in range(0, len(gpt), 7):
+        doc_pos, offset = gpt.sample_index[gpt.shuffle_index[i]]
+        start = starts[doc_pos] + offset
+        sample = gpt[i]
+        assert sample["tokens"].tolist() == stream[start : start + seq].tolist()
+        assert sample["labels"].tolist() == stream[start + 1 : start + seq + 1].tolist()
+
+
+def test_sources_and_backends_give_identical_files(tmp_path, capsys):
+    """Hub path (a local dataset repo), Parquet, workers and tokenizer backends: same bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = read_texts(SAMPLE_VALID)
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    shutil.copy(SAMPLE_VALID, repo / "data" / "part-0.jsonl.gz")
+    # The hub layout of a named config, as wikimedia/wikipedia has for 20231101.en.
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: 20231101.en\n  data_files:\n  - split: train\n"
+        "    path: data/*.jsonl.gz\n---\n"
+    )
+    parquet = tmp_path / "v.parquet"
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), parquet)
+
+    runs = {
+        "jsonl": ["--dataset", SAMPLE_VALID],
+        "jsonl-inline": ["--dataset", SAMPLE_VALID, "--workers", 0],
+        "jsonl-hf-tokenizers": ["--dataset", SAMPLE_VALID, "--tokenizer-backend", "tokenizers"],
+        "parquet": ["--dataset", parquet],
+        "hub": ["--dataset", repo, "--dataset-config", "20231101.en"],
+    }
+    outputs = {}
+    for name, argv in runs.items():
+        out = tmp_path / name
+        code, err = run(capsys, *argv, "--output-prefix", out, "--split-validation", 3, "--quiet")
+        assert code == 0, (name, err)
+        outputs[name] = [
+            Path(f"{out}_{s}_text_document.{e}").read_bytes()
+            for s in ("train", "valid") for e in ("bin", "idx")
+        ]
+    for name in runs:
+        assert outputs[name] == outputs["jsonl"], name
+
+
+def test_cli_module_entry_point(tmp_path):
+    """`python -m megatron_bigmac.data.preprocess` as documented: output and a one-line error."""
+    # megatron-core warns at import time when Transformer Engine/Apex are absent (not ours).
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "megatron_bigmac.data.preprocess", "--tokenizer",
+           str(DEFAULT_TOKENIZER_DIR), "--dataset"]
+    ok = subprocess.run(cmd + [str(WIKITEXT), "--output-prefix", str(tmp_path / "w")], cwd=REPO,
+                        env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "done: 60 documents, 283,347 tokens" in ok.stderr  # 283,287 + 60 <|endoftext|>
+    bad = subprocess.run(cmd + [str(tmp_path / "missing.jsonl"), "--output-prefix",
+                                str(tmp_path / "bad")], cwd=REPO, env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert [line for line in bad.stderr.splitlines() if line.strip()] == [
+        f"error: no such file: {str(tmp_path / 'missing.jsonl')!r}"
+    ]
+
+
+# --------------------------------------------------------------------------------- bad inputs
+
+
+def _bad_input_cases(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "one"}, {"text": "two"}])
+    notext = write_jsonl(tmp_path / "notext.jsonl.gz", [{"title": "a", "body": "b"}])
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": ""}])
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    no_tok = tmp_path / "tok"
+    no_tok.mkdir()
+    (no_tok / "vocab.json").write_text("{}")
+    existing = tmp_path / "out" / "x"
+    return {
+        "missing file": (["--dataset", tmp_path / "nope.jsonl.gz"], "no such file"),
+        "glob matches nothing": (["--dataset", tmp_path / "*.parquet"], "no files match"),
+        "no text field": (["--dataset", notext], "no 'text' field (fields: title, body)"),
+        "empty corpus": (["--dataset", empty], "empty corpus"),
+        "only empty texts": (["--dataset", blank], "empty corpus"),
+        "not JSON": (["--dataset", tmp_path / "broken.jsonl"], "broken.jsonl:2: not a JSON"),
+        "tokenizer dir without files": (
+            ["--dataset", good, "--tokenizer", no_tok], "lacks merges.txt"),
+        "tokenizer dir missing": (
+            ["--dataset", good, "--tokenizer", tmp_path / "none"], "does not exist"),
+        "output dir missing": (
+            ["--dataset", good, "--output-prefix", tmp_path / "nodir" / "x"],
+            "output directory"),
+        "validation takes everything": (
+            ["--dataset", good, "--split-validation", 2], "cannot hold out 2"),
+        "hub unreachable": (
+            ["--dataset", "wikimedia/wikipedia", "--dataset-config", "20231101.en"],
+            "cannot load wikimedia/wikipedia"),
+    }, existing
+
+
+def test_bad_inputs(tmp_path, capsys):
+    cases, _ = _bad_input_cases(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for name, (argv, message) in cases.items():
+        if "--output-prefix" not in argv:
+            argv = argv + ["--output-prefix", out_dir / "x"]
+        code, err = run(capsys, *argv, "--workers", 1)
+        lines = err.strip().splitlines()
+        assert code == 1, (name, err)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+            name, err)
+        # Nothing left behind: no output, no temporary file.
+        assert list(out_dir.iterdir()) == [], name
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys, tok):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "Hello world"}])
+    prefix = tmp_path / "x"
+    assert run(capsys, "--dataset", src, "--output-prefix", prefix)[0] == 0
+    before = Path(f"{prefix}_text_document.bin").read_bytes()
+
+    write_jsonl(src, [{"text": "Hello world"}, {"text": "again"}])
+    code, err = run(capsys, "--dataset", src, "--output-prefix", prefix)
+    assert code == 1 and "already exists (pass --overwrite" in err
+    assert Path(f"{prefix}_text_document.bin").read_bytes() == before  # untouched
+
+    assert run(capsys, "--dataset", src, "--output-prefix", prefix, "--overwrite")[0] == 0
+    again = tok.tokenize("again") + [GPT2_EOD_ID]
+    assert read_docs(f"{prefix}_text_document") == [[15496, 995, GPT2_EOD_ID], again]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.jsonl", "x_text_document.bin", "x_text_document.idx"]
+
+
+# ------------------------------------------------------------- ../shared/data against its README
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    "relpath, docs, tokens",
+    [
+        ("enwiki/enwiki-2015-sample.jsonl.gz", 289, 869_830),
+        ("wikitext/wikitext-2-raw-v1-test.articles.jsonl.gz", 60, 283_287),
+        ("openwebtext/openwebtext-10k-first1000.jsonl.gz", 1000, 1_053_999),
+    ],
+)
+def test_shared_file_counts(tok, relpath, docs, tokens):
+    texts = read_texts(SHARED / relpath)
+    assert len(texts) == docs
+    assert sum(map(len, tok.tokenize_batch(texts))) == tokens
+
+
+@needs_shared
+def test_shared_train_shards(tmp_path, capsys):
+    """Document counts of all five shards; tokens of shard 0 through the whole pipeline."""
+    shards = sorted((SHARED / "enwiki").glob("enwiki-2015-train-*-of-00005.jsonl.gz"))
+    assert [sum(1 for _ in gzip.open(s)) for s in shards] == [1934, 1869, 1886, 1835, 1843]
+    prefix = tmp_path / "shard0"
+    code, err = run(capsys, "--dataset", shards[0], "--output-prefix", prefix, "--quiet")
+    assert code == 0, err
+    ds = IndexedDataset(f"{prefix}_text_document")
+    assert len(ds) == 1934
+    assert int(ds.sequence_lengths.sum()) == 5_420_616 + 1934  # README tokens + one eod per doc
