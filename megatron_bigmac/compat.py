@@ -18,6 +18,7 @@ import importlib.metadata
 import logging
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,9 @@ def apply() -> None:
     _quiet_unknown_mlp_warning()
     if cpu_only():
         _cpu_current_device()
+        _cpu_cuda_device_requests()
         _cpu_dispatcher_streams()
         _cpu_rng_tracker()
-        _cpu_causal_mask()
     _applied = True
 
 
@@ -158,6 +159,46 @@ def _cpu_current_device() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
 
 
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+}
+
+
+def _names_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # an int device is a GPU index
+
+
+class _CudaRequestsOnCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        if _names_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _names_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_cuda_device_requests() -> None:
+    """0.16.x hard-codes CUDA outside the MoE layer too: `device='cuda'` tensors and `.cuda()`
+    in the optimizer, grad scaler, grad clipping, DDP buffers and dist_checkpointing exchange, and
+    `param.type() == 'torch.cuda.FloatTensor'` checks in the optimizer and clip_grads. On a host
+    with no CUDA, "cuda" can only mean "the accelerator we run on", i.e. the CPU: a torch-function
+    mode (this process's main thread) places such requests on the CPU and reports CPU float
+    tensors under their CUDA type names. Nothing changes where CUDA exists."""
+    _CudaRequestsOnCpu().__enter__()
+
+
 class _NullStream:
     """Stands in for the dispatcher's D2H side stream on CPU, where tensors already live on host."""
 
@@ -225,16 +266,3 @@ def _cpu_rng_tracker() -> None:
 
     mcore_random.initialize_rng_tracker = initialize_cpu_rng_tracker
     # model_parallel_cuda_manual_seed seeds CUDA first; on CPU that is a lazy no-op, keep it.
-
-
-def _cpu_causal_mask() -> None:
-    """0.16.x: `transformer.utils.get_default_causal_mask` builds the mask on "cuda" when the
-    caller passes none (fused_softmax imports it by name, so patch both places)."""
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.transformer import utils
-
-    def get_default_causal_mask(sq: int) -> torch.Tensor:
-        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
-
-    utils.get_default_causal_mask = get_default_causal_mask
-    fused_softmax.get_default_causal_mask = get_default_causal_mask
