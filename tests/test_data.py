@@ -99,9 +99,11 @@ def test_megatron_tokenizer_interface(tok):
 
 
 def test_backends_agree_on_sample(tok):
-    texts = read_texts(SAMPLE_TRAIN)[:80] + read_texts(WIKITEXT)
-    hf = build_tokenizer(backend="tokenizers")
-    assert hf.tokenize_batch(texts) == tok.tokenize_batch(texts)
+    texts = read_texts(SAMPLE_TRAIN)[:80] + read_texts(WIKITEXT) + ["", " \n ", "<|endoftext|>"]
+    ids = tok.tokenize_batch(texts)
+    assert build_tokenizer(backend="tokenizers").tokenize_batch(texts) == ids
+    # The workers' fast path (numpy arrays) gives the same ids.
+    assert [a.tolist() for a in tok.tokenize_to_arrays(texts)] == ids
 
 
 def test_tokenizer_dir_errors(tmp_path):
@@ -118,9 +120,12 @@ def test_tokenizer_dir_errors(tmp_path):
 def test_round_trip_with_validation_split(tmp_path, capsys, tok):
     prefix = tmp_path / "wiki"
     code, err = run(capsys, "--dataset", SAMPLE_TRAIN, "--output-prefix", prefix,
-                    "--split-validation", 20, "--workers", 2, "--task-chars", 100_000)
+                    "--split-validation", 20, "--workers", 2, "--task-chars", 100_000,
+                    "--log-interval", 0)
     assert code == 0, err
-    assert "done: 261 documents" in err and "M tokens/s" in err
+    progress = [line for line in err.splitlines() if "docs/s" in line and "done" not in line]
+    assert progress and all("M tokens/s" in line for line in progress)
+    assert "done: 261 documents, 793,562 tokens" in err  # 793,301 + 261 <|endoftext|>
     expected = expected_docs(tok, read_texts(SAMPLE_TRAIN))
     # Held out by whole documents: the first 20 go to validation, the rest to training.
     assert read_docs(f"{prefix}_valid_text_document") == expected[:20]

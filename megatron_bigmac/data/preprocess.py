@@ -331,14 +331,13 @@ def tokenize_task(task: Task) -> TokenizedTask:
     tok, dtype = _worker_tokenizer, _worker_dtype
     texts = task.texts() if isinstance(task, JsonlChunk) else task
     nonempty = [t for t in texts if t]
-    ids = tok.tokenize_batch(nonempty)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    tokens = np.empty(int(lengths.sum()), dtype=dtype)
-    end = 0
-    for doc in ids:
-        start, end = end, end + len(doc) + 1
-        tokens[start : end - 1] = doc
-    tokens[np.cumsum(lengths) - 1] = tok.eod
+    docs = tok.tokenize_to_arrays(nonempty)
+    lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
+    ends = np.cumsum(lengths)
+    tokens = np.empty(int(ends[-1]) if len(ends) else 0, dtype=dtype)
+    for doc, end in zip(docs, ends.tolist()):
+        tokens[end - 1 - len(doc) : end - 1] = doc  # ids < vocab size: the cast is exact
+    tokens[ends - 1] = tok.eod
     text_bytes = sum(len(t.encode("utf-8")) for t in nonempty)
     return TokenizedTask(tokens, lengths, text_bytes, len(texts) - len(nonempty))
 
@@ -549,8 +548,13 @@ def preprocess(args: argparse.Namespace) -> Summary:
     # Check everything the user gave before any work starts.
     try:
         tokenizer = build_tokenizer(args.tokenizer, backend=args.tokenizer_backend)
-    except TokenizerFilesError as e:
+    except (TokenizerFilesError, RuntimeError) as e:  # bad files; backend giving wrong ids
         raise PreprocessError(str(e)) from None
+    except ImportError as e:
+        raise PreprocessError(
+            f"tokenizer backend {args.tokenizer_backend!r} is not installed ({e}); "
+            "pip install 'megatron-bigmac[data]'"
+        ) from None
     prefixes = output_prefixes(args.output_prefix, args.json_key, args.split_validation)
     check_outputs(prefixes, args.overwrite)
     source = resolve_source(args.dataset)
@@ -559,7 +563,7 @@ def preprocess(args: argparse.Namespace) -> Summary:
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     init_args = (str(tokenizer.tokenizer_dir), tokenizer.backend, dtype)
-    progress = Progress(enabled=not args.quiet)
+    progress = Progress(enabled=not args.quiet, interval=args.log_interval)
     writer = None
     try:
         # The pool is forked inside `_results` before the first `next`, i.e. before loading.
@@ -653,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-chars", type=int, default=1 << 21,
                    help="characters of text per worker task (default: 2 Mi)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--log-interval", type=float, default=None, metavar="SECONDS",
+                   help="seconds between progress lines (default: 0.5 on a terminal, else 10)")
     p.add_argument("--quiet", action="store_true", help="no progress lines (summary only)")
     return p
 

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from megatron.core.tokenizers.text.libraries.abstract_tokenizer import (
     MegatronTokenizerTextAbstract,
@@ -142,6 +145,16 @@ def _mergeable_ranks(vocab: Dict[str, int], merges: List[Tuple[str, str]]) -> Di
     return ranks
 
 
+@dataclass(frozen=True)
+class _Backend:
+    """One encoding library behind ``GPT2BPELibrary``; all of them give identical ids."""
+
+    name: str
+    encode_batch: Callable[[Sequence[str]], List[List[int]]]
+    encode_arrays: Callable[[Sequence[str]], List[np.ndarray]]
+    decode: Callable[[Sequence[int]], str]
+
+
 class GPT2BPELibrary(MegatronTokenizerTextAbstract):
     """Library layer (like megatron-core's ``TikTokenTokenizer``): GPT-2 BPE on one backend.
 
@@ -162,21 +175,18 @@ class GPT2BPELibrary(MegatronTokenizerTextAbstract):
 
         if backend in ("auto", "tiktoken"):
             try:
-                self._encode_batch, self._decode = self._tiktoken_backend(merges)
-                self.backend = "tiktoken"
+                self._backend = self._tiktoken_backend(merges)
             except ImportError:
                 if backend == "tiktoken":
                     raise
                 logger.warning("tiktoken is not installed: using the slower HF tokenizers backend")
                 backend = "tokenizers"
         if backend == "tokenizers":
-            self._encode_batch, self._decode = self._hf_backend(vocab_path, merges_path)
-            self.backend = "tokenizers"
+            self._backend = self._hf_backend(vocab_path, merges_path)
+        self.backend = self._backend.name
         self._check_probes()
 
-    # -- backends: each returns (encode_batch(list[str]) -> list[list[int]], decode(ids) -> str)
-
-    def _tiktoken_backend(self, merges):
+    def _tiktoken_backend(self, merges) -> _Backend:
         import tiktoken
 
         encoding = tiktoken.Encoding(
@@ -187,13 +197,21 @@ class GPT2BPELibrary(MegatronTokenizerTextAbstract):
             explicit_n_vocab=len(self.encoder),
         )
 
+        # A literal "<|endoftext|>" inside a document is plain text: encode_ordinary, and no
+        # special token allowed (nor refused) in encode_to_numpy.
         def encode_batch(texts: Sequence[str]) -> List[List[int]]:
-            # encode_ordinary: a literal "<|endoftext|>" inside a document is plain text.
             return [encoding.encode_ordinary(t) for t in texts]
 
-        return encode_batch, lambda ids: encoding.decode(list(ids), errors="replace")
+        def encode_arrays(texts: Sequence[str]) -> List[np.ndarray]:
+            # ~1.5x faster than encode_ordinary: no Python int per token.
+            return [encoding.encode_to_numpy(t, disallowed_special=()) for t in texts]
 
-    def _hf_backend(self, vocab_path: Path, merges_path: Path):
+        def decode(ids: Sequence[int]) -> str:
+            return encoding.decode(list(ids), errors="replace")
+
+        return _Backend("tiktoken", encode_batch, encode_arrays, decode)
+
+    def _hf_backend(self, vocab_path: Path, merges_path: Path) -> _Backend:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
         tok = Tokenizer(models.BPE.from_file(str(vocab_path), str(merges_path)))
@@ -203,7 +221,13 @@ class GPT2BPELibrary(MegatronTokenizerTextAbstract):
         def encode_batch(texts: Sequence[str]) -> List[List[int]]:
             return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
 
-        return encode_batch, lambda ids: tok.decode(list(ids), skip_special_tokens=False)
+        def encode_arrays(texts: Sequence[str]) -> List[np.ndarray]:
+            return [np.asarray(ids, dtype=np.uint32) for ids in encode_batch(texts)]
+
+        def decode(ids: Sequence[int]) -> str:
+            return tok.decode(list(ids), skip_special_tokens=False)
+
+        return _Backend("tokenizers", encode_batch, encode_arrays, decode)
 
     def _check_probes(self) -> None:
         """Refuse a backend whose ids differ from the reference ids of the GPT-2 files."""
@@ -220,14 +244,18 @@ class GPT2BPELibrary(MegatronTokenizerTextAbstract):
     # -- MegatronTokenizerTextAbstract
 
     def text_to_ids(self, text: str) -> List[int]:
-        return self._encode_batch([text])[0]
+        return self._backend.encode_batch([text])[0]
 
     def batch_text_to_ids(self, texts: Sequence[str]) -> List[List[int]]:
         """Encode many documents in one call (no end-of-document token appended)."""
-        return self._encode_batch(texts)
+        return self._backend.encode_batch(texts)
+
+    def batch_text_to_arrays(self, texts: Sequence[str]) -> List[np.ndarray]:
+        """``batch_text_to_ids`` as uint32 arrays: the fast path for bulk preprocessing."""
+        return self._backend.encode_arrays(texts)
 
     def ids_to_text(self, ids: Sequence[int]) -> str:
-        return self._decode(ids)
+        return self._backend.decode(ids)
 
     def text_to_tokens(self, text: str) -> List[str]:
         return self.ids_to_tokens(self.text_to_ids(text))
@@ -324,8 +352,12 @@ class GPT2BPETokenizer(MegatronTokenizerText):
         return self._tokenizer.tokenizer_dir
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        """Encode many documents (the fast path of the preprocessing workers)."""
+        """Encode many documents; no end-of-document token is appended."""
         return self._tokenizer.batch_text_to_ids(texts)
+
+    def tokenize_to_arrays(self, texts: Sequence[str]) -> List[np.ndarray]:
+        """``tokenize_batch`` as uint32 arrays (the preprocessing workers' fast path)."""
+        return self._tokenizer.batch_text_to_arrays(texts)
 
 
 def build_tokenizer(tokenizer_dir: Optional[str | Path] = None, backend: str = "auto"):
