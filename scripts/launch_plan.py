@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Check that a config's parallel sizes fit a launch, before any process starts.
+
+Used by scripts/torchrun.sh and scripts/slurm/pretrain.sbatch; it reads only YAML (no torch
+import), so it answers in a fraction of a second on a login node.
+
+    python scripts/launch_plan.py --config configs/paper/gpt3_xl_bigmac.yaml \
+        --nnodes 4 --nproc-per-node 8 [--format text|shell] [key=value ...]
+
+The rules are megatron-core's (parallel_state.initialize_model_parallel, 0.16):
+  * world % (TP x PP x CP) == 0, and DP = world / (TP x PP x CP)           (dense layers)
+  * world % (ETP x EP x PP) == 0, and expert DP = world / (ETP x EP x PP)   (MoE experts;
+    ETP = expert_tensor_parallel_size, which defaults to TP)
+  * num_experts % EP == 0, num_attention_heads % TP == 0
+  * global_batch_size % (micro_batch_size x DP) == 0
+Exit status 0 and a summary when they hold; 2 and one line per broken rule otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Any
+
+BASE_KEYS = ("extends", "base", "defaults")  # a config may name the file(s) it builds on
+
+
+class PlanError(Exception):
+    """A launch that cannot work; the message says why in one line per problem."""
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise PlanError(f"config {path}: the top level is not a mapping of keys to values")
+    return data
+
+
+def load_config(path: str, overrides: list[str] = (), _seen: tuple = ()) -> dict[str, Any]:
+    """The config's keys after its base files and the command line's key=value overrides."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise PlanError(f"config not found: {path}")
+    real = os.path.realpath(path)
+    if real in _seen:
+        raise PlanError(f"config {path}: base files include each other")
+    data = _read_yaml(path)
+    merged: dict[str, Any] = {}
+    for key in BASE_KEYS:
+        bases = data.pop(key, None)
+        if bases is None:
+            continue
+        for base in [bases] if isinstance(bases, str) else list(bases):
+            base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+            merged.update(load_config(base_path, (), _seen + (real,)))
+    merged.update(data)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PlanError(f"argument {item!r} is not of the form key=value")
+        merged[key.strip().lstrip("-").replace("-", "_")] = yaml.safe_load(value) if value else None
+    return merged
+
+
+def _int(cfg: dict, key: str, default: int | None) -> int | None:
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlanError(f"{key}: expected an integer, got {value!r}")
+    return value
+
+
+def plan(cfg: dict, nnodes: int, nproc_per_node: int) -> dict[str, Any]:
+    """Parallel layout of `nnodes x nproc_per_node` processes; raises PlanError if it can't work."""
+    if nnodes < 1 or nproc_per_node < 1:
+        raise PlanError(f"nodes ({nnodes}) and processes per node ({nproc_per_node}) must be >= 1")
+    world = nnodes * nproc_per_node
+    tp = _int(cfg, "tensor_model_parallel_size", 1)
+    pp = _int(cfg, "pipeline_model_parallel_size", 1)
+    cp = _int(cfg, "context_parallel_size", 1)
+    ep = _int(cfg, "expert_model_parallel_size", 1)
+    etp = _int(cfg, "expert_tensor_parallel_size", None) or tp
+    experts = _int(cfg, "num_experts", None)
+    heads = _int(cfg, "num_attention_heads", None)
+    mbs = _int(cfg, "micro_batch_size", None)
+    gbs = _int(cfg, "global_batch_size", None)
+    for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                        ("context_parallel_size", cp), ("expert_model_parallel_size", ep),
+                        ("expert_tensor_parallel_size", etp)):
+        if value < 1:
+            raise PlanError(f"{name}: must be >= 1, got {value}")
+
+    layout = f"{nnodes} node(s) x {nproc_per_node} process(es) = world size {world}"
+    problems = []
+    model = tp * pp * cp
+    if world % model:
+        problems.append(
+            f"{layout} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {model}")
+    expert = etp * ep * pp
+    if world % expert:
+        problems.append(
+            f"{layout} is not divisible by ETP x EP x PP = {etp} x {ep} x {pp} = {expert} "
+            "(megatron-core's expert groups)")
+    if problems:
+        step = model * expert // _gcd(model, expert)
+        fits = [n for n in range(1, 9) if (n * nproc_per_node) % step == 0][:3]
+        hint = (f"; with {nproc_per_node} per node, {' or '.join(map(str, fits))} node(s) fit"
+                if fits else f"; the world size must be a multiple of {step}")
+        raise PlanError("; ".join(problems) + hint)
+    dp = world // model
+    edp = world // expert
+    if experts is not None and experts % ep:
+        problems.append(f"num_experts={experts} is not divisible by expert_model_parallel_size={ep}")
+    if heads is not None and heads % tp:
+        problems.append(f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tp}")
+    accumulation = None
+    if mbs is not None and gbs is not None:
+        if gbs % (mbs * dp):
+            problems.append(
+                f"global_batch_size={gbs} is not divisible by micro_batch_size x DP = {mbs} x {dp} "
+                f"= {mbs * dp} at world size {world}")
+        else:
+            accumulation = gbs // (mbs * dp)
+    if problems:
+        raise PlanError("; ".join(problems))
+    return dict(nnodes=nnodes, nproc_per_node=nproc_per_node, world_size=world, tp=tp, pp=pp,
+                cp=cp, ep=ep, etp=etp, dp=dp, expert_dp=edp, num_experts=experts,
+                micro_batch_size=mbs, global_batch_size=gbs, grad_accumulation=accumulation,
+                moe_structure=cfg.get("moe_structure"))
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def describe(p: dict) -> str:
+    """Two human lines: the world and the parallel sizes."""
+    batch = ""
+    if p["global_batch_size"] is not None and p["micro_batch_size"] is not None:
+        batch = (f"; global batch {p['global_batch_size']} = micro batch {p['micro_batch_size']} x "
+                 f"DP {p['dp']} x {p['grad_accumulation']} accumulation step(s)")
+    return (f"world size {p['world_size']} ({p['nnodes']} node(s) x {p['nproc_per_node']} "
+            f"process(es))\n"
+            f"parallel sizes: TP={p['tp']} PP={p['pp']} CP={p['cp']} EP={p['ep']} ETP={p['etp']} "
+            f"-> DP={p['dp']} (dense), expert DP={p['expert_dp']}{batch}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--nproc-per-node", type=int, default=1)
+    parser.add_argument("--format", choices=("text", "shell"), default="text")
+    parser.add_argument("overrides", nargs="*", help="key=value, as given to megatron_bigmac.train")
+    args = parser.parse_args(argv)
+    try:
+        p = plan(load_config(args.config, args.overrides), args.nnodes, args.nproc_per_node)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.format == "shell":
+        for key, value in p.items():
+            print(f"PLAN_{key.upper()}={shlex.quote('' if value is None else str(value))}")
+        print(f"PLAN_SUMMARY={shlex.quote(describe(p))}")
+    else:
+        print(describe(p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
