@@ -146,7 +146,7 @@ class JsonlChunk:
     def texts(self) -> List[str]:
         texts = []
         for offset, line in enumerate(self.data.split(b"\n")):
-            if not line.strip():
+            if not line or line.isspace():
                 continue  # blank lines (e.g. a trailing newline) are not documents
             where = f"{self.path}:{self.first_line + offset}"
             try:
