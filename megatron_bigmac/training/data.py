@@ -1,0 +1,158 @@
+"""Data: megatron-core GPTDatasets (train/valid) via BlendedMegatronDatasetBuilder, read in
+Megatron-LM's order so a run resumes from its consumed-samples count alone.
+
+Prefixes name megatron-core indexed datasets (``.bin``/``.idx``, from
+``python -m megatron_bigmac.data.preprocess``). ``sample:NAME`` names the small corpus shipped in
+``megatron_bigmac/assets/sample/NAME.jsonl.gz``; it is tokenized into the cache on first use, so
+the tiny configs run on a fresh machine with nothing prepared.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+from megatron_bigmac.data import build_tokenizer
+from megatron_bigmac.training.config import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_SCHEME = "sample:"
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "assets" / "sample"
+
+
+def cache_dir(cfg: TrainingConfig) -> Path:
+    """Tokenized samples and megatron-core's dataset indices live here."""
+    if cfg.data_cache_path:
+        return Path(cfg.data_cache_path)
+    default = Path.home() / ".cache" / "megatron_bigmac"
+    return Path(os.environ.get("MEGATRON_BIGMAC_CACHE", default))
+
+
+def resolve_prefix(prefix: str, cfg: TrainingConfig) -> str:
+    """A dataset prefix on disk: ``sample:NAME`` maps into the cache, anything else is a path."""
+    if not prefix.startswith(SAMPLE_SCHEME):
+        return prefix
+    name = prefix[len(SAMPLE_SCHEME):]
+    return str(cache_dir(cfg) / "sample" / name) + "_text_document"
+
+
+def prepare_samples(cfg: TrainingConfig) -> None:
+    """Tokenize every ``sample:NAME`` the config reads that is not in the cache yet.
+
+    Call on one process per host (then barrier): the data helper writes under temporary names
+    and renames, so a crash never leaves a dataset that looks complete.
+    """
+    from megatron_bigmac.data import preprocess
+
+    for prefix in cfg.data_path + cfg.train_data_path + cfg.valid_data_path:
+        if not prefix.startswith(SAMPLE_SCHEME):
+            continue
+        name = prefix[len(SAMPLE_SCHEME):]
+        target = resolve_prefix(prefix, cfg)
+        if os.path.exists(target + ".idx") and os.path.exists(target + ".bin"):
+            continue
+        source = SAMPLE_DIR / f"{name}.jsonl.gz"
+        if not source.is_file():
+            shipped = sorted(p.name.split(".")[0] for p in SAMPLE_DIR.glob("*.jsonl.gz"))
+            raise FileNotFoundError(f"{prefix}: no shipped sample {source.name}; have {shipped}")
+        os.makedirs(Path(target).parent, exist_ok=True)
+        output_prefix = target[: -len("_text_document")]
+        argv = ["--dataset", str(source), "--output-prefix", output_prefix, "--workers", "0",
+                "--quiet", "--overwrite"]
+        if cfg.tokenizer_dir:
+            argv += ["--tokenizer", cfg.tokenizer_dir]
+        print(f"[data] tokenizing the shipped sample {source.name} -> {target}", flush=True)
+        preprocess.preprocess(preprocess.build_parser().parse_args(argv)).print()
+
+
+def check_prefixes(cfg: TrainingConfig) -> None:
+    """Fail early, naming the key, when a dataset prefix does not exist."""
+    for key in ("data_path", "train_data_path", "valid_data_path"):
+        for prefix in getattr(cfg, key):
+            path = resolve_prefix(prefix, cfg)
+            for suffix in (".bin", ".idx"):
+                if not os.path.isfile(path + suffix):
+                    raise FileNotFoundError(f"{key}: {path}{suffix} does not exist")
+
+
+def build_datasets(cfg: TrainingConfig) -> Tuple[GPTDataset, Optional[GPTDataset]]:
+    """Train and validation GPTDatasets with exactly the samples the run will read: the train
+    split ``train_iters x global_batch_size`` samples, the validation split
+    ``eval_iters x global_batch_size`` (the same held-out batches at every evaluation)."""
+    tokenizer = build_tokenizer(cfg.tokenizer_dir)
+    blend = blend_per_split = split = None
+    if cfg.data_path:
+        blend, split = ([resolve_prefix(p, cfg) for p in cfg.data_path], None), cfg.split
+    elif cfg.train_data_path:
+        valid = ([resolve_prefix(p, cfg) for p in cfg.valid_data_path], None) if cfg.valid_data_path else None
+        blend_per_split = [([resolve_prefix(p, cfg) for p in cfg.train_data_path], None), valid, None]
+    config = GPTDatasetConfig(
+        random_seed=cfg.seed,
+        sequence_length=cfg.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=split,
+        path_to_cache=str(cache_dir(cfg) / "index"),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=cfg.eod_mask_loss,
+        create_attention_mask=False,  # causal attention builds its own mask
+    )
+    sizes = [cfg.train_iters * cfg.global_batch_size, cfg.eval_iters * cfg.global_batch_size, 0]
+    dataset_class = MockGPTDataset if cfg.mock_data else GPTDataset
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        dataset_class, sizes, lambda: True, config
+    ).build()
+    return train, (valid if cfg.eval_iters > 0 else None)
+
+
+class PretrainingSampler:
+    """Megatron-LM's MegatronPretrainingSampler: global samples in order from
+    ``consumed_samples``, each global micro-batch of ``micro x DP`` samples split by DP rank."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int):
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def __len__(self) -> int:
+        return (self.total_samples - self.consumed_samples) // (self.micro_batch_size * self.dp_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.micro_batch_size * self.dp_size
+        mine = slice(self.dp_rank * self.micro_batch_size, (self.dp_rank + 1) * self.micro_batch_size)
+        for start in range(self.consumed_samples, self.total_samples - step + 1, step):
+            yield list(range(start, start + step))[mine]
+
+
+def batches(dataset, cfg: TrainingConfig, dp_rank: int, dp_size: int,
+            consumed_samples: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
+    """Micro-batches of this DP rank (dicts of [micro, seq] tensors) from ``consumed_samples``."""
+    sampler = PretrainingSampler(len(dataset), consumed_samples, cfg.micro_batch_size, dp_rank, dp_size)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.num_workers > 0,
+        # Its own generator: creating an iterator draws a seed, which must not move the global
+        # RNG that dropout uses (or a resumed run would not repeat the uninterrupted one).
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    return iter(loader)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,161 @@
+"""Process groups and seeding: torch.distributed from torchrun's environment, then megatron-core's
+TP/PP/EP groups (parallel_state), gathered into one ProcessGroupCollection for the pieces that
+take one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_bigmac.training.config import TrainingConfig
+
+
+@dataclass
+class ParallelContext:
+    """What the rest of the runner needs to know about this process's place in the layout."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    pg_collection: ProcessGroupCollection
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: TrainingConfig) -> ParallelContext:
+    """torch.distributed (nccl on GPUs, gloo on CPU) and megatron-core's model-parallel groups.
+
+    Launched by torchrun, RANK/WORLD_SIZE/LOCAL_RANK come from the environment; a plain
+    ``python -m`` run is a world of one.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    backend = cfg.distributed_backend if cfg.distributed_backend != "auto" else ("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        # Share the cores between the processes of this host (torchrun pins every one to 1).
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+    if not dist.is_initialized():
+        if world_size == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size,
+            timeout=timedelta(minutes=cfg.distributed_timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        expert_model_parallel_size=cfg.expert_model_parallel_size,
+        expert_tensor_parallel_size=cfg.expert_tensor_parallel_size,
+        distributed_timeout_minutes=cfg.distributed_timeout_minutes,
+    )
+    return ParallelContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def set_seed(seed: int) -> None:
+    """Megatron-LM's seeding: the same seed on every data-parallel rank (so replicas start equal)
+    and per-TP/EP-rank streams in megatron-core's RNG tracker (dropout inside TP regions, expert
+    initialization on GPUs)."""
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------------------
+# CPU only: megatron-core 0.16.1 allocates small bookkeeping tensors with device="cuda"
+# -------------------------------------------------------------------------------------------
+
+
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Rewrites ``device="cuda"`` (and ``.cuda()``) to the CPU for every torch call inside it.
+
+    megatron-core 0.16.1 hard-codes CUDA for scalars it keeps on the side, e.g.
+    ``pipeline_parallel/schedules.py`` (``total_num_tokens = torch.zeros(..., device="cuda")`` in
+    every schedule) and ``optimizer/clip_grads.py`` (the grad-norm and zero-count buffers). On a
+    host without CUDA these raise "Torch not compiled with CUDA enabled". Belongs in
+    megatron_bigmac/compat.py with the other CPU shims; kept here, active only around the
+    runner's CPU calls, until it moves.
+    """
+
+    @staticmethod
+    def _is_cuda(device) -> bool:
+        if isinstance(device, torch.device):
+            return device.type == "cuda"
+        return isinstance(device, str) and device.startswith("cuda")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if self._is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and args and len(args) > 1 and self._is_cuda(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cpu_device_fallback():
+    """A context in which megatron-core's hard-coded CUDA calls work on a CPU-only host; a no-op
+    when CUDA is available.
+
+    Besides the allocations above, ``dist_checkpointing/strategies/filesystem_async.py``
+    (``preload_tensors``) calls ``torch.cuda.synchronize()`` after copying tensors to host; with
+    no device there is nothing to wait for, so it becomes a no-op inside this context.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    synchronize = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda device=None: None
+    try:
+        with _CudaToCpu():
+            yield
+    finally:
+        torch.cuda.synchronize = synchronize

@@ -1,0 +1,168 @@
+"""Metrics: per-run JSONL, TensorBoard when importable, a concise console line with a progress
+bar and ETA, and the timers megatron-core's schedules report forward/backward time to.
+
+Nothing here synchronizes the device except on logging steps: losses accumulate on the device
+and are reduced across data-parallel ranks every ``log_interval`` iterations; timers measure only
+when armed (the logging step), because timing a GPU needs a synchronization.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+#: Dense bf16 peak of one H100/H200 SXM (989 TFLOP/s), for MFU.
+H100_BF16_PEAK_TFLOPS = 989.0
+
+
+class _Timer:
+    def __init__(self, timers: "StepTimers", name: str):
+        self._timers, self._name, self._start = timers, name, None
+
+    def start(self, barrier: bool = False):
+        if self._timers.armed:
+            self._timers.synchronize()
+            self._start = time.perf_counter()
+
+    def stop(self, barrier: bool = False):
+        if self._timers.armed and self._start is not None:
+            self._timers.synchronize()
+            self._timers.elapsed[self._name] += time.perf_counter() - self._start
+            self._start = None
+
+
+class StepTimers:
+    """megatron-core's timers interface (``config.timers(name, log_level).start()/.stop()``),
+    measuring only while armed. Schedules report 'forward-compute' and 'backward-compute' per
+    micro-batch and 'all-grads-sync' for the gradient reduction; the trainer adds 'optimizer'."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.armed = False
+        self.elapsed: Dict[str, float] = defaultdict(float)
+
+    def __call__(self, name: str, log_level: Optional[int] = None) -> _Timer:
+        return _Timer(self, name)
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def arm(self, armed: bool) -> None:
+        self.armed = armed
+        self.elapsed.clear()
+
+
+def memory_gib(device: torch.device) -> Dict[str, float]:
+    """Peak memory so far: allocated and reserved on a GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return {
+            "mem_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
+    return {"mem_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    filled = int(round(fraction * width))
+    return "█" * filled + "·" * (width - filled)
+
+
+class MetricsLogger:
+    """Writes metrics on the main rank: ``<log_dir>/metrics.jsonl`` (one JSON object per logging
+    step or evaluation, appended across resumes), TensorBoard scalars, and the console."""
+
+    def __init__(self, log_dir: str, train_iters: int, enabled: bool,
+                 tensorboard_dir: Optional[str] = None):
+        self.enabled = enabled
+        self.train_iters = train_iters
+        self._jsonl = None
+        self._tb = None
+        self._started: Optional[float] = None
+        self._started_iteration = 0
+        if not enabled:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        self.path = Path(log_dir) / "metrics.jsonl"
+        self._jsonl = open(self.path, "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(tensorboard_dir or os.path.join(log_dir, "tensorboard"))
+        except ImportError:
+            self._tb = None  # TensorBoard is optional
+
+    def start(self, iteration: int) -> None:
+        self._started, self._started_iteration = time.perf_counter(), iteration
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def console_train(self, r: dict) -> None:
+        if not self.enabled:
+            return
+        step = r["step"]
+        done = step - self._started_iteration
+        elapsed = time.perf_counter() - self._started if self._started else 0.0
+        eta = elapsed / max(done, 1) * (self.train_iters - step)
+        parts = [
+            f"[{step:>{len(str(self.train_iters))}}/{self.train_iters}] "
+            f"{_bar(step / self.train_iters)} {100 * step / self.train_iters:3.0f}%",
+            f"loss {r['lm_loss']:.4f}",
+        ]
+        if "aux_loss" in r:
+            parts.append(f"aux {r['aux_loss']:.3f}")
+        parts += [f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}",
+                  f"{r['tokens_per_s'] / 1e3:,.1f}k tok/s"]
+        if "tflops_per_gpu" in r:
+            mfu = f" {100 * r['mfu']:.1f}% MFU" if "mfu" in r else ""
+            parts.append(f"{r['tflops_per_gpu']:.1f} TFLOP/s{mfu}")
+        parts.append(f"{r['step_time_s']:.3f} s/it")
+        parts.append(f"ETA {_duration(eta)}")
+        print(" | ".join(parts), flush=True)
+
+    def console_eval(self, r: dict) -> None:
+        if self.enabled:
+            print(f"[{r['step']:>{len(str(self.train_iters))}}/{self.train_iters}] validation: "
+                  f"loss {r['lm_loss']:.4f} | perplexity {r['perplexity']:,.2f}", flush=True)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def reduce_loss_sums(sums: torch.Tensor, group) -> tuple[float, int]:
+    """(mean loss, tokens) from a [loss sum, token count] tensor, summed over ``group``."""
+    sums = sums.clone()
+    if dist.is_initialized():
+        dist.all_reduce(sums, group=group)
+    loss_sum, tokens = sums.tolist()
+    return loss_sum / max(tokens, 1), int(tokens)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))

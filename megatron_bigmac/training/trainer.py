@@ -1,0 +1,243 @@
+"""The training loop, built from megatron-core pieces and meant to be read top to bottom:
+
+    Trainer(cfg)          process groups, data, seed, model (DDP), optimizer, LR schedule,
+                          resume from a checkpoint
+    .train()              evaluate; repeat train_step, log, evaluate, save
+    .train_step()         megatron-core's forward-backward schedule over the micro-batches (its
+                          finalize_model_grads reduces gradients over DP/TP/EP), then the
+                          optimizer step (gradient clipping inside) and the LR schedule
+    .forward_step()       one micro-batch: GPTModel -> per-token loss -> masked sum; the MoE
+                          load-balancing loss reaches the gradients through megatron-core's
+                          MoEAuxLossAutoScaler, so the loss function only sees the LM loss
+    .evaluate()           the same held-out batches every time -> loss and perplexity
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+import yaml
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
+
+from megatron_bigmac.costs import MoEModelShape, training_flops_per_iteration
+from megatron_bigmac.training import data
+from megatron_bigmac.training.checkpoint import load_checkpoint, save_checkpoint, save_config
+from megatron_bigmac.training.config import TrainingConfig
+from megatron_bigmac.training.distributed import init_distributed, set_seed
+from megatron_bigmac.training.metrics import (
+    H100_BF16_PEAK_TFLOPS,
+    MetricsLogger,
+    StepTimers,
+    memory_gib,
+    perplexity,
+    reduce_loss_sums,
+)
+from megatron_bigmac.training.model import build_model, padded_vocab_size, unwrap
+from megatron_bigmac.training.optimizer import build_optimizer, build_scheduler
+
+
+class Trainer:
+    def __init__(self, cfg: TrainingConfig):
+        self.cfg = cfg
+        self.ctx = init_distributed(cfg)
+        if self.ctx.is_main:
+            print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
+            save_config(cfg, cfg.log_dir)
+            if cfg.save:
+                save_config(cfg, cfg.save)
+
+        # Data first: the shipped sample is tokenized once per host, the rest of the ranks wait.
+        if self.ctx.local_rank == 0:
+            data.prepare_samples(cfg)
+        data.barrier()
+        data.check_prefixes(cfg)
+        self.train_data, self.valid_data = data.build_datasets(cfg)
+
+        # The same seed on every rank before building: data-parallel replicas start equal.
+        set_seed(cfg.seed)
+        self.model = build_model(cfg, self.ctx.device, self.ctx.pg_collection)
+        self.optimizer = build_optimizer(cfg, [self.model], self.ctx.pg_collection)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+
+        # Hooks megatron-core's schedules call: gradient reduction after the last micro-batch,
+        # no gradient sync before it, loss scaling, and timers.
+        self.timers = StepTimers(self.ctx.device)
+        config = unwrap(self.model).config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = self.model.no_sync
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.timers = self.timers
+        self.forward_backward = get_forward_backward_func()
+
+        self.iteration, self.consumed_samples = load_checkpoint(
+            cfg, self.model, self.optimizer, self.scheduler
+        )
+        shape = MoEModelShape.from_config(config, cfg.seq_length, padded_vocab_size(cfg))
+        self.flops_per_iteration = training_flops_per_iteration(shape, cfg.global_batch_size)
+        self.peak_tflops = cfg.peak_tflops or (
+            H100_BF16_PEAK_TFLOPS if cfg.bf16 and self.ctx.device.type == "cuda" else None
+        )
+        self.metrics = MetricsLogger(cfg.log_dir, cfg.train_iters, self.ctx.is_main,
+                                     cfg.tensorboard_dir)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Optional[float]:
+        """Train to ``train_iters``; returns the last validation loss (None without evaluation)."""
+        cfg = self.cfg
+        batches = data.batches(self.train_data, cfg, self.ctx.dp_rank, self.ctx.dp_size,
+                               self.consumed_samples)
+        val_loss = self.evaluate() if self.iteration == 0 else None
+        self.metrics.start(self.iteration)
+        loss_sums = torch.zeros(2, device=self.ctx.device)  # [lm loss sum, tokens] since last log
+        interval_start, interval_steps = time.perf_counter(), 0
+
+        while self.iteration < cfg.train_iters:
+            last = self.iteration + 1 == cfg.train_iters
+            log_now = last or (self.iteration + 1) % cfg.log_interval == 0
+            self.timers.arm(log_now)  # time fwd/bwd/optimizer only on logging steps (it syncs)
+            step_loss, grad_norm = self.train_step(batches)
+            self.iteration += 1
+            self.consumed_samples += cfg.global_batch_size
+            loss_sums += step_loss
+            interval_steps += 1
+
+            if log_now:
+                elapsed = time.perf_counter() - interval_start
+                self.log_train(loss_sums, grad_norm, elapsed, interval_steps)
+                loss_sums.zero_()
+                interval_start, interval_steps = time.perf_counter(), 0
+            if cfg.eval_iters > 0 and (last or self.iteration % cfg.eval_interval == 0):
+                val_loss = self.evaluate()
+                interval_start = time.perf_counter()
+            if cfg.save and (last or (cfg.save_interval and self.iteration % cfg.save_interval == 0)):
+                save_checkpoint(cfg, self.iteration, self.consumed_samples, self.model,
+                                self.optimizer, self.scheduler)
+                interval_start = time.perf_counter()
+        self.metrics.close()
+        return val_loss
+
+    def train_step(self, batches: Iterator) -> Tuple[torch.Tensor, float]:
+        """One iteration over ``num_microbatches`` micro-batches; returns this rank's
+        [loss sum, token count] (on the device, unsynchronized) and the global grad norm."""
+        cfg = self.cfg
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self.forward_backward(
+            forward_step_func=self.forward_step,
+            data_iterator=batches,
+            model=[self.model],
+            num_microbatches=cfg.num_microbatches,
+            seq_length=cfg.seq_length,
+            micro_batch_size=cfg.micro_batch_size,
+            forward_only=False,
+            pg_collection=self.ctx.pg_collection,
+        )
+        self.timers("optimizer").start()
+        update_successful, grad_norm, _ = self.optimizer.step()  # clips to clip_grad first
+        self.timers("optimizer").stop()
+        if update_successful:
+            self.scheduler.step(increment=1)
+        return torch.stack([o["lm loss"] for o in outputs]).sum(0), grad_norm
+
+    def forward_step(self, data_iterator: Iterator, model):
+        """One micro-batch through the model; megatron-core calls the returned loss function."""
+        batch = next(data_iterator)
+        batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+        # GPTModel with labels returns the per-token cross entropy, [micro, seq].
+        losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return losses, partial(self._loss_func, batch["loss_mask"])
+
+    @staticmethod
+    def _loss_func(loss_mask: torch.Tensor, losses: torch.Tensor):
+        """Masked loss sum and token count: the schedule divides by the tokens (and by the
+        micro-batches) for the gradient; the [sum, count] pair is kept for exact logging."""
+        loss_mask = loss_mask.view(-1).float()
+        loss_sum = torch.sum(losses.float().view(-1) * loss_mask)
+        tokens = loss_mask.sum().to(torch.int)
+        return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), tokens.float()])}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Loss over ``eval_iters`` global batches of the validation split, the same batches
+        every time (so the curve compares like with like); logs loss and perplexity."""
+        cfg = self.cfg
+        self.model.eval()
+        batches = data.batches(self.valid_data, cfg, self.ctx.dp_rank, self.ctx.dp_size)
+        outputs = self.forward_backward(
+            forward_step_func=self.forward_step,
+            data_iterator=batches,
+            model=[self.model],
+            num_microbatches=cfg.eval_iters * cfg.num_microbatches,
+            seq_length=cfg.seq_length,
+            micro_batch_size=cfg.micro_batch_size,
+            forward_only=True,
+            pg_collection=self.ctx.pg_collection,
+        )
+        self.model.train()
+        sums = torch.stack([o["lm loss"] for o in outputs]).sum(0)
+        loss, tokens = reduce_loss_sums(sums, parallel_state.get_data_parallel_group())
+        record = {"kind": "eval", "step": self.iteration, "lm_loss": loss,
+                  "perplexity": perplexity(loss), "tokens": tokens}
+        self.metrics.write(record)
+        self.metrics.console_eval(record)
+        return loss
+
+    # ------------------------------------------------------------------ logging
+    def log_train(self, loss_sums: torch.Tensor, grad_norm: float, elapsed: float,
+                  steps: int) -> None:
+        """One JSONL record and console line for the last ``steps`` iterations (collective:
+        every rank calls it)."""
+        cfg = self.cfg
+        loss, _ = reduce_loss_sums(loss_sums, parallel_state.get_data_parallel_group())
+        step_time = elapsed / steps
+        record: Dict[str, float] = {
+            "kind": "train",
+            "step": self.iteration,
+            "consumed_samples": self.consumed_samples,
+            "lm_loss": loss,
+        }
+        record.update(self._moe_aux_losses(steps))
+        record.update(
+            lr=self.optimizer.param_groups[0]["lr"],
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            step_time_s=step_time,
+            tokens_per_s=cfg.global_batch_size * cfg.seq_length / step_time,
+        )
+        # The split of the logging step itself (measured with device syncs, that step only).
+        split = self.timers.elapsed
+        for name, key in (("forward-compute", "forward_s"), ("backward-compute", "backward_s"),
+                          ("all-grads-sync", "grad_sync_s"), ("optimizer", "optimizer_s")):
+            if name in split:
+                record[key] = split[name]
+        if self.ctx.device.type == "cuda":
+            tflops = self.flops_per_iteration / step_time / self.ctx.world_size / 1e12
+            record["tflops_per_gpu"] = tflops
+            if self.peak_tflops:
+                record["mfu"] = tflops / self.peak_tflops
+        record.update(memory_gib(self.ctx.device))
+        self.metrics.write(record)
+        self.metrics.console_train(record)
+
+    def _moe_aux_losses(self, steps: int) -> Dict[str, float]:
+        """Mean per layer and per micro-batch of megatron-core's MoE loss tracker since the last
+        log (the load-balancing loss before its coefficient), reduced over ranks."""
+        tracker = get_moe_layer_wise_logging_tracker()
+        if not tracker:
+            return {}
+        reduce_aux_losses_tracker_across_ranks(pg_collection=self.ctx.pg_collection)
+        scale = 1.0 / (self.cfg.num_microbatches * steps)
+        values = {name: entry["values"].mean().item() * scale for name, entry in tracker.items()}
+        clear_aux_losses_tracker()
+        renamed = {"load_balancing_loss": "aux_loss"}
+        return {renamed.get(name, name): v for name, v in values.items()}
