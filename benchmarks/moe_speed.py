@@ -33,13 +33,14 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-import megatron_bigmac  # noqa: F401  (compat shims)
+import megatron_bigmac.config  # noqa: F401  (applies the megatron-core compat shims)
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -68,6 +69,9 @@ def parse_args():
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--infer-batches", default="1,8,64")
     p.add_argument("--no-inference", action="store_true")
+    p.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the DP gradient all-reduce with backward (off by default, as in "
+                   "Megatron-LM; over sockets it contends with the All-to-All and was slower)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on GPU")
     p.add_argument("--out", required=True, help="JSON file to write (rank 0)")
     return p.parse_args()
@@ -103,8 +107,15 @@ def build(args, variant, dtype, device):
     else:
         model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=args.seq)
     model = model.to(device)
+    if config.bf16:
+        model = Float16Module(config, model)  # as Megatron-LM: bf16 params, fp32 logits/loss
     ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,  # as Megatron-LM does for bf16
+            overlap_grad_reduce=args.overlap_grad_reduce,
+        ),
+        module=model,
     )
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, bf16=config.bf16, params_dtype=dtype,
@@ -195,28 +206,42 @@ def comm_kernel_ms(ddp, optimizer, tokens, positions):
 
 
 @torch.no_grad()
-def inference(ddp, args, batches, device):
+def inference(ddp, args, batches, device, repeats=3):
+    """Prefill of a --prompt-token prompt, and greedy generation of 1 and 10 tokens (no KV cache:
+    each token re-runs the whole prefix). Each timing is the median of `repeats` after one
+    untimed run of the same lengths."""
     model = ddp.module
     model.eval()
+
+    def generate(prompt, new_tokens):
+        tokens = prompt
+        positions = torch.arange(tokens.shape[1], device=device).expand(tokens.shape[0], -1)
+        out = model(tokens, positions, None)
+        for _ in range(new_tokens):
+            tokens = torch.cat([tokens, out[:, -1:].argmax(-1)], dim=1)
+            positions = torch.arange(tokens.shape[1], device=device).expand(tokens.shape[0], -1)
+            out = model(tokens, positions, None)
+
+    def seconds(prompt, new_tokens):
+        generate(prompt, new_tokens)
+        times = []
+        for _ in range(repeats):
+            synchronize()
+            dist.barrier()
+            start = time.perf_counter()
+            generate(prompt, new_tokens)
+            synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
     results = {}
     for batch in batches:
         prompt = torch.randint(0, VOCAB, (batch, args.prompt), device=device)
-        timings = {}
-        for new_tokens in (0, 1, 10):
-            tokens = prompt
-            model(tokens, torch.arange(tokens.shape[1], device=device).expand(batch, -1), None)
-            synchronize()
-            start = time.perf_counter()
-            out = model(tokens, torch.arange(tokens.shape[1], device=device).expand(batch, -1), None)
-            for _ in range(new_tokens):
-                tokens = torch.cat([tokens, out[:, -1:].argmax(-1)], dim=1)
-                out = model(tokens, torch.arange(tokens.shape[1], device=device).expand(batch, -1), None)
-            synchronize()
-            timings[new_tokens] = time.perf_counter() - start
+        prefill = seconds(prompt, 0)
         results[batch] = {
-            "prefill_tokens_per_s": batch * args.prompt * dist.get_world_size() / timings[0],
-            "generate_1_s": timings[1],
-            "generate_10_s": timings[10],
+            "prefill_tokens_per_s": batch * args.prompt * dist.get_world_size() / prefill,
+            "generate_1_s": seconds(prompt, 1),
+            "generate_10_s": seconds(prompt, 10),
         }
     model.train()
     return results
@@ -305,6 +330,14 @@ def main():
                 for v in variants if v != "bigmac" and "bigmac" in results
             },
         }
+        if not args.no_inference and "bigmac" in results:
+            largest = max(results["bigmac"]["inference"])
+            report["ratios"].update({
+                f"bigmac_prefill_speedup_over_{v}_batch{largest}":
+                    results["bigmac"]["inference"][largest]["prefill_tokens_per_s"]
+                    / results[v]["inference"][largest]["prefill_tokens_per_s"]
+                for v in variants if v != "bigmac"
+            })
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

@@ -1,10 +1,8 @@
 """megatron-bigmac: communication-efficient Mixture-of-Experts for megatron-core.
 
-Importing the package applies the megatron-core compatibility shims (see compat.py) once.
+The megatron-core compatibility shims (compat.py) are applied by the modules that build models
+(config.py and everything importing it), so light entry points such as data preprocessing do not
+pay for importing megatron-core's model code.
 """
-
-from megatron_bigmac import compat as _compat
-
-_compat.apply()
 
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -58,6 +59,7 @@ def apply() -> None:
         )
         _applied = True
         return
+    _quiet_optional_accelerator_warnings()
     _bind_te_general_gemm()
     _all_to_all_int_splits()
     _gloo_uneven_all_gather()
@@ -73,6 +75,15 @@ def apply() -> None:
 # --------------------------------------------------------------------------------------------
 # Everywhere
 # --------------------------------------------------------------------------------------------
+
+
+def _quiet_optional_accelerator_warnings() -> None:
+    """0.16.x warns at import, module by module, that transformer-engine and apex are absent and
+    it falls back to torch. For this project that is the designed path (both are optional
+    accelerators), so those eight lines are noise in every command's output."""
+    warnings.filterwarnings(
+        "ignore", message=r".*(Transformer Engine|Apex).* not installed.*", category=UserWarning
+    )
 
 
 def _bind_te_general_gemm() -> None:

@@ -11,7 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron_bigmac import compat
+
+compat.apply()  # before any megatron-core model code runs
+
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 STRUCTURES = ("bigmac", "fine_grained", "vanilla")
 EXPERT_ACTIVATIONS = ("gelu", "relu", "squared_relu", "swiglu")

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from distributed import run_distributed
 
-import megatron_bigmac  # noqa: F401
+import megatron_bigmac.config  # noqa: F401  (applies the megatron-core compat shims)
 from megatron_bigmac import costs
 from megatron_bigmac.config import BigMacConfig
 

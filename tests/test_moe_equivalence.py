@@ -24,7 +24,7 @@ STRUCTURES = tuple(EXPERTS)
 
 def build_layer(structure, tp=1, ep=1, etp=1, dispatcher="alltoall", capacity=None,
                 activation="gelu", dtype=torch.float32, device="cpu"):
-    import megatron_bigmac  # noqa: F401  (compat shims)
+    import megatron_bigmac.config  # noqa: F401  (applies the megatron-core compat shims)
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_bigmac.config import BigMacConfig
@@ -97,7 +97,7 @@ def reference_rank(rank, weights, config, aux_ranks, capacity, dtype):
 
 
 def check_layout(rank, world, tp, ep, etp, cases, device="cpu", dtype=torch.float32, tol=1e-5):
-    import megatron_bigmac  # noqa: F401
+    import megatron_bigmac.config  # noqa: F401  (applies the megatron-core compat shims)
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -133,7 +133,7 @@ def check_layout(rank, world, tp, ep, etp, cases, device="cpu", dtype=torch.floa
                 g = torch.autograd.grad(other, [weights.w1, weights.w2])
                 expert_grads = [a + b for a, b in zip(expert_grads, g)]
 
-        close = functools.partial(torch.testing.assert_close, rtol=tol, atol=tol)
+        close = functools.partial(assert_close, tol=tol)
         close(out.float().cpu(), ref_y.detach(), msg=lambda m: f"{label} output: {m}")
         close(x.grad.float().cpu(), own[0], msg=lambda m: f"{label} input grad: {m}")
         close(layer.router.weight.grad.float().cpu(), own[1], msg=lambda m: f"{label} router: {m}")
@@ -151,6 +151,16 @@ def check_layout(rank, world, tp, ep, etp, cases, device="cpu", dtype=torch.floa
         close(experts.weight2.grad.float().cpu(), expert_grads[1][e, :, f],
               msg=lambda m: f"{label} W2: {m}")
     ps.destroy_model_parallel()
+
+
+def assert_close(actual, expected, tol, msg):
+    """fp32: elementwise within tol. bf16 (tol > 1e-3): ||actual - expected|| / ||expected|| < tol,
+    the measure for low-precision operands (elementwise bounds fail on near-zero entries)."""
+    if tol <= 1e-3:
+        torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=msg)
+        return
+    error = ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+    assert error < tol, msg(f"relative error {error:.2e} >= {tol}")
 
 
 def aux_ranks_of(rank: int, tp: int):
@@ -190,11 +200,11 @@ def test_expert_parallel_4_matches_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (runs on the device)")
 def test_bf16_on_gpu_matches_reference():
     bf16_cases = cases() + [("bigmac", "alltoall", None, "swiglu")]
-    run_distributed(check_layout, 1, 1, 1, 1, bf16_cases, "cuda", torch.bfloat16, 3e-2,
+    run_distributed(check_layout, 1, 1, 1, 1, bf16_cases, "cuda", torch.bfloat16, 2e-2,
                     backend="nccl")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (runs on the device)")
 def test_bf16_expert_parallel_2_on_gpus_matches_reference():
-    run_distributed(check_layout, 2, 1, 2, 1, cases(), "cuda", torch.bfloat16, 3e-2,
+    run_distributed(check_layout, 2, 1, 2, 1, cases(), "cuda", torch.bfloat16, 2e-2,
                     backend="nccl")
