@@ -38,7 +38,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     quiet_spawned_processes()
-    import megatron_bigmac  # noqa: F401  (megatron-core compatibility shims)
+    from megatron_bigmac.training.metrics import quiet_known_warnings
+
+    quiet_known_warnings()
+    from megatron_bigmac import compat
+
+    compat.apply()  # megatron-core shims, before any of its code runs
     from megatron_bigmac.training.config import ConfigError, load_config
 
     try:

@@ -79,6 +79,8 @@ class TrainingConfig:
     moe_token_dispatcher_type: str = field(
         default="alltoall", metadata=_choices("alltoall", "allgather", "flex")
     )
+    moe_router_pre_softmax: bool = False
+    """Softmax before top-k (megatron-core requires it for top-1)."""
     moe_router_dtype: Optional[str] = field(default="fp32", metadata=_choices(None, "fp32", "fp64"))
     """Precision of the router's softmax and aux loss (project default fp32, for bf16 runs)."""
     moe_z_loss_coeff: Optional[float] = None
@@ -170,6 +172,10 @@ class TrainingConfig:
     """Save every this many iterations; a run with ``save`` also saves after its last iteration."""
     load: Optional[str] = None
     """A save directory (resumes from its latest checkpoint) or one iter_NNNNNNN directory."""
+
+    exit_signal_handler: bool = True
+    """On SIGUSR1 or SIGTERM, save a checkpoint at the next iteration boundary and exit cleanly
+    (what scripts/torchrun.sh and scripts/slurm/pretrain.sbatch rely on before a time limit)."""
 
     # ---------------------------------------------------------------- logging
     log_interval: int = 10

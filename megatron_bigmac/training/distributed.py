@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -99,6 +100,32 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+class ExitSignal:
+    """SIGUSR1 / SIGTERM ask the run to checkpoint and stop at the next iteration boundary.
+
+    The signal may reach the ranks at different moments, so they agree every iteration through
+    one all-reduce on a gloo group of all ranks: a host-side collective that never waits for the
+    GPU.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = False
+        self.group = dist.new_group(backend="gloo")
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True  # handling it twice is harmless
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank has received a signal (collective)."""
+        flag = torch.tensor([int(self.received)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
 
 
 def destroy_distributed() -> None:

@@ -12,13 +12,39 @@ import json
 import math
 import os
 import resource
+import textwrap
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
+
+#: Warnings megatron-core 0.16.1 / torch raise on every run about things this runner does not
+#: control (deprecated internals), kept off the console.
+NOISY_WARNINGS = (
+    "full scope is deprecated",
+    "`load_state_dict` is deprecated",
+    "Please use DTensor instead",
+    ".*all_gather_into_tensor.* is deprecated",
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+)
+
+
+def quiet_known_warnings() -> None:
+    for message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def format_config(values: dict, width: int = 100) -> str:
+    """``key=value`` pairs wrapped to ``width``: the resolved config in a few console lines."""
+    pairs = [f"{k}={v}" for k, v in values.items()]
+    return "\n".join(textwrap.wrap("  ".join(pairs), width, break_long_words=False,
+                                   break_on_hyphens=False))
+
 
 #: Dense bf16 peak of one H100/H200 SXM (989 TFLOP/s), for MFU.
 H100_BF16_PEAK_TFLOPS = 989.0

@@ -19,7 +19,6 @@ from functools import partial
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
-import yaml
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -33,11 +32,12 @@ from megatron_bigmac.costs import MoEModelShape, training_flops_per_iteration
 from megatron_bigmac.training import data
 from megatron_bigmac.training.checkpoint import load_checkpoint, save_checkpoint, save_config
 from megatron_bigmac.training.config import TrainingConfig
-from megatron_bigmac.training.distributed import init_distributed, set_seed
+from megatron_bigmac.training.distributed import ExitSignal, init_distributed, set_seed
 from megatron_bigmac.training.metrics import (
     H100_BF16_PEAK_TFLOPS,
     MetricsLogger,
     StepTimers,
+    format_config,
     memory_gib,
     perplexity,
     reduce_loss_sums,
@@ -51,7 +51,8 @@ class Trainer:
         self.cfg = cfg
         self.ctx = init_distributed(cfg)
         if self.ctx.is_main:
-            print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
+            print(f"config (saved as {cfg.log_dir}/config.yaml):\n{format_config(cfg.to_dict())}",
+                  flush=True)
             save_config(cfg, cfg.log_dir)
             if cfg.save:
                 save_config(cfg, cfg.save)
@@ -89,6 +90,7 @@ class Trainer:
         )
         self.metrics = MetricsLogger(cfg.log_dir, cfg.train_iters, self.ctx.is_main,
                                      cfg.tensorboard_dir)
+        self.exit_signal = ExitSignal() if cfg.exit_signal_handler else None
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Optional[float]:
@@ -119,10 +121,17 @@ class Trainer:
             if cfg.eval_iters > 0 and (last or self.iteration % cfg.eval_interval == 0):
                 val_loss = self.evaluate()
                 interval_start = time.perf_counter()
-            if cfg.save and (last or (cfg.save_interval and self.iteration % cfg.save_interval == 0)):
+            stop = self.exit_signal is not None and self.exit_signal.agreed()
+            periodic = cfg.save_interval and self.iteration % cfg.save_interval == 0
+            if cfg.save and (last or periodic or stop):
                 save_checkpoint(cfg, self.iteration, self.consumed_samples, self.model,
                                 self.optimizer, self.scheduler)
                 interval_start = time.perf_counter()
+            if stop:
+                if self.ctx.is_main:
+                    print(f"[{self.iteration}/{cfg.train_iters}] exit signal: stopped"
+                          + (f" after saving to {cfg.save}" if cfg.save else ""), flush=True)
+                break
         self.metrics.close()
         return val_loss
 

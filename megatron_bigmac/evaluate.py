@@ -1,0 +1,190 @@
+"""Perplexity of a trained checkpoint on any text.
+
+    python -m megatron_bigmac.evaluate --load checkpoints/small/bigmac \\
+        --data ../shared/data/wikitext/wikitext-2-raw-v1-test.nonempty.raw
+    torchrun --nproc_per_node 2 -m megatron_bigmac.evaluate --load CKPT --data PREFIX \\
+        expert_model_parallel_size=2
+
+``--data`` is a megatron-core dataset prefix (``.bin``/``.idx``, or ``sample:NAME`` for a shipped
+sample), a plain text file (read as one stream: ``.txt``, ``.raw``, ...) or JSON lines
+(``.jsonl``/``.jsonl.gz``, one document per line in ``text``, documents separated by
+<|endoftext|> as in training). The tokens are cut into windows of ``--seq-length`` (default: the
+checkpoint's); with ``--stride`` below it, windows overlap and only their last ``stride`` tokens
+are scored, so each token is scored once with more context. Perplexity is exp of the mean
+negative log-likelihood over all scored tokens.
+
+The model is rebuilt from the config saved in the checkpoint, in any layout (``key=value``
+overrides such as ``expert_model_parallel_size=2``; default one process per data-parallel rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+
+def read_tokens(data: str, cfg, tokenizer) -> np.ndarray:
+    """All tokens of ``data`` (see module docstring) as one int64 array."""
+    from megatron_bigmac.training.data import prepare_samples, resolve_prefix
+
+    if data.startswith("sample:") and not Path(data[len("sample:"):]).exists():
+        # A shipped sample: tokenized into the cache like training data.
+        cfg.valid_data_path = [data]
+        prepare_samples(cfg)
+    prefix = resolve_prefix(data, cfg)
+    if os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin"):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        dataset = IndexedDataset(prefix)
+        return np.concatenate([dataset[i] for i in range(len(dataset))]).astype(np.int64)
+    if not os.path.isfile(data):
+        raise FileNotFoundError(f"--data: {data} is neither a dataset prefix nor a file")
+    opener = gzip.open if data.endswith(".gz") else open
+    with opener(data, "rt", encoding="utf-8") as f:
+        if ".jsonl" in data or data.endswith((".json", ".json.gz")):
+            ids: List[int] = []
+            for line in f:
+                if line.strip():
+                    ids += tokenizer.tokenize(json.loads(line)["text"]) + [tokenizer.eod]
+            return np.asarray(ids, dtype=np.int64)
+        return np.asarray(tokenizer.tokenize(f.read()), dtype=np.int64)
+
+
+def windows(tokens: np.ndarray, seq_length: int, stride: int):
+    """(inputs, labels, loss_mask) rows covering every token but the first exactly once."""
+    rows = []
+    n = len(tokens) - 1  # positions that have a next token to predict
+    start = 0
+    while True:
+        end = min(start + seq_length, n)
+        inputs = np.zeros(seq_length, np.int64)
+        labels = np.zeros(seq_length, np.int64)
+        mask = np.zeros(seq_length, np.float32)
+        inputs[: end - start] = tokens[start:end]
+        labels[: end - start] = tokens[start + 1 : end + 1]
+        first_scored = 0 if start == 0 else seq_length - stride
+        mask[first_scored : end - start] = 1.0
+        rows.append((inputs, labels, mask))
+        if end >= n:
+            return rows
+        start += stride
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_bigmac.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="checkpoint: a save directory or iter_NNNNNNN")
+    parser.add_argument("--data", required=True, help="dataset prefix, sample:NAME, text or JSONL file")
+    parser.add_argument("--seq-length", type=int, default=None, help="window (default: trained seq_length)")
+    parser.add_argument("--stride", type=int, default=None, help="default: --seq-length (no overlap)")
+    parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None, help="only the first N tokens")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+
+    from megatron_bigmac import compat
+
+    compat.apply()  # megatron-core shims, before any of its code runs
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from megatron_bigmac.data import build_tokenizer
+    from megatron_bigmac.training.checkpoint import find_checkpoint, load_model_weights
+    from megatron_bigmac.training.config import ConfigError, from_dict, parse_overrides, validate
+    from megatron_bigmac.training.distributed import (
+        cpu_device_fallback, destroy_distributed, init_distributed, set_seed,
+    )
+    from megatron_bigmac.training.metrics import quiet_known_warnings
+    from megatron_bigmac.training.model import Float16Module, build_gpt
+
+    quiet_known_warnings()
+
+    main_rank = os.environ.get("RANK", "0") == "0"
+    where = find_checkpoint(args.load)
+    if where is None:
+        print(f"error: --load: no checkpoint in {args.load}", file=sys.stderr)
+        return 2
+    saved = dist_checkpointing.load_common_state_dict(str(where))["config"]
+    # The trained model in this run's layout; the training data and schedule do not matter here.
+    values = {**saved, "tensor_model_parallel_size": 1, "expert_model_parallel_size": 1,
+              "expert_tensor_parallel_size": None, "sequence_parallel": False, "mock_data": True,
+              "data_path": [], "train_data_path": [], "valid_data_path": [], "save": None,
+              "load": None, "save_interval": None, "use_distributed_optimizer": None,
+              "use_cpu_initialization": None, "eval_iters": 0}
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        values["bf16"] = False
+    try:
+        values.update(parse_overrides(args.overrides))
+        cfg = from_dict(values)
+        if args.micro_batch_size:
+            cfg.micro_batch_size = args.micro_batch_size
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), cuda)
+    except ConfigError as e:
+        if main_rank:
+            print(f"config error: {e}", file=sys.stderr)
+        return 2
+    seq_length = args.seq_length or cfg.seq_length
+    stride = args.stride or seq_length
+    if seq_length > cfg.max_position_embeddings or not 0 < stride <= seq_length:
+        print(f"error: --seq-length <= {cfg.max_position_embeddings} and 0 < --stride <= "
+              f"--seq-length", file=sys.stderr)
+        return 2
+
+    try:
+        with cpu_device_fallback():
+            ctx = init_distributed(cfg)
+            set_seed(cfg.seed)
+            model = build_gpt(cfg, ctx.pg_collection, meta=True).to(ctx.device)
+            if cfg.bf16:
+                model = Float16Module(model.config, model)
+            load_model_weights(model, where)
+            model.eval()
+
+            tokenizer = build_tokenizer(cfg.tokenizer_dir)
+            tokens = read_tokens(args.data, cfg, tokenizer)
+            if args.max_tokens:
+                tokens = tokens[: args.max_tokens]
+            rows = windows(tokens, seq_length, stride)
+            # Every rank runs the same number of forward passes (MoE dispatch is collective):
+            # rank r takes rows r, r + DP, ...; missing rows are padding with an empty mask.
+            mbs = cfg.micro_batch_size
+            per_rank = math.ceil(len(rows) / (ctx.dp_size * mbs)) * mbs
+            mine = [rows[i] if i < len(rows) else (rows[0][0], rows[0][1], np.zeros(seq_length, np.float32))
+                    for i in range(ctx.dp_rank, per_rank * ctx.dp_size, ctx.dp_size)]
+            sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+            positions = torch.arange(seq_length, device=ctx.device).unsqueeze(0)
+            with torch.no_grad():
+                for b in range(0, len(mine), mbs):
+                    inputs, labels, mask = (torch.from_numpy(np.stack(c)).to(ctx.device)
+                                            for c in zip(*mine[b : b + mbs]))
+                    losses = model(inputs, positions.expand_as(inputs), None, labels=labels)
+                    sums += torch.stack([(losses.float() * mask).sum(), mask.sum()]).double()
+            dist.all_reduce(sums, group=ctx.pg_collection.dp)
+            nll, scored = (sums[0] / sums[1]).item(), int(sums[1].item())
+    finally:
+        destroy_distributed()
+
+    if main_rank:
+        result = {"checkpoint": str(where), "data": args.data, "tokens": scored, "loss": nll,
+                  "perplexity": math.exp(nll), "seq_length": seq_length, "stride": stride}
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"{args.data}: perplexity {result['perplexity']:,.2f} (loss {nll:.4f} nats/token "
+                  f"over {scored:,} tokens; windows of {seq_length}, stride {stride})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
