@@ -1,8 +1,12 @@
 """megatron-bigmac: communication-efficient Mixture-of-Experts for megatron-core.
 
-The megatron-core compatibility shims (compat.py) are applied by the modules that build models
-(config.py and everything importing it), so light entry points such as data preprocessing do not
-pay for importing megatron-core's model code.
+Importing the package applies the megatron-core compatibility shims (compat.py) once, so that
+megatron-core calls made before any of our modules (e.g. model_parallel_cuda_manual_seed on a
+CPU host) already see them.
 """
+
+from megatron_bigmac import compat as _compat
+
+_compat.apply()
 
 __version__ = "0.1.0"

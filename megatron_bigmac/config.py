@@ -13,7 +13,7 @@ from typing import Optional
 
 from megatron_bigmac import compat
 
-compat.apply()  # before any megatron-core model code runs
+compat.apply()  # idempotent; also done by `import megatron_bigmac`
 
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
