@@ -133,7 +133,34 @@ def plan(cfg: dict, nnodes: int, nproc_per_node: int) -> dict[str, Any]:
     return dict(nnodes=nnodes, nproc_per_node=nproc_per_node, world_size=world, tp=tp, pp=pp,
                 cp=cp, ep=ep, etp=etp, dp=dp, expert_dp=edp, num_experts=experts,
                 micro_batch_size=mbs, global_batch_size=gbs, grad_accumulation=accumulation,
-                moe_structure=cfg.get("moe_structure"))
+                moe_structure=cfg.get("moe_structure"), train_iters=cfg.get("train_iters"))
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compact host list, as `scontrol show hostnames` expands it, for machines without
+    SLURM: "gpu[01-03,07],login1" -> gpu01 gpu02 gpu03 gpu07 login1."""
+    names, depth, start = [], 0, 0
+    parts = []
+    for i, ch in enumerate(nodelist + ","):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(nodelist[start:i])
+            start = i + 1
+    for part in filter(None, parts):
+        head, bracket, rest = part.partition("[")
+        if not bracket:
+            names.append(part)
+            continue
+        ranges, _, tail = rest.partition("]")
+        tails = expand_nodelist(tail) if tail else [""]
+        for r in ranges.split(","):
+            lo, dash, hi = r.partition("-")
+            numbers = [lo] if not dash else [f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1)]
+            names.extend(f"{head}{n}{t}" for n in numbers for t in tails)
+    return names
 
 
 def _gcd(a: int, b: int) -> int:
@@ -155,6 +182,11 @@ def describe(p: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--expand-nodelist"]:
+        print("\n".join(expand_nodelist(argv[1] if len(argv) > 1 else "")))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--nnodes", type=int, default=1)

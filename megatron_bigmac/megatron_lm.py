@@ -1,0 +1,139 @@
+"""The project's MoE layers in Megatron-LM's own ``pretrain_gpt.py``.
+
+``patches/megatron-lm/core_r0.16.0/`` changes a few lines of ``pretrain_gpt.py`` to call the
+functions here (``scripts/apply_megatron_lm_patch.sh MEGATRON_LM_DIR`` applies it)::
+
+    from megatron_bigmac.megatron_lm import add_bigmac_args, bigmac_builder, help_with_extra_args
+    extra_args_provider = partial(add_bigmac_args, then=<Megatron-LM's own provider>)
+    help_with_extra_args(extra_args_provider)
+    pretrain(..., partial(model_provider, bigmac_builder(gpt_builder)), ...,
+             extra_args_provider=extra_args_provider)
+
+and then::
+
+    torchrun ... pretrain_gpt.py --transformer-impl local --num-experts 64 --moe-router-topk 8 \
+        --moe-structure bigmac --moe-low-rank-ratio 0.25 [--moe-expert-activation gelu] ...
+
+Without ``--moe-structure`` the patched script builds exactly what the unpatched one builds.
+With it, the model config is a :class:`~megatron_bigmac.config.BigMacConfig` made by Megatron-LM's
+``core_transformer_config_from_args(args, config_class=BigMacConfig)`` (so every Megatron-LM
+argument still applies), and the transformer layer spec is
+:func:`~megatron_bigmac.specs.get_moe_gpt_layer_spec`, handed to Megatron-LM's ``gpt_builder``
+through its ``--spec`` extension point (``args.spec`` names :data:`LAYER_SPEC` while the model is
+built). Megatron-LM itself is never imported here: ``bigmac_builder`` takes its builder and
+config function as arguments or from the running ``pretrain_gpt.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional
+
+from megatron_bigmac.config import EXPERT_ACTIVATIONS, STRUCTURES
+
+#: The layer spec of the model being built; Megatron-LM's ``--spec`` names it while it builds.
+LAYER_SPEC = None
+
+_STRUCTURE_DEFAULT_FFN = "bigmac: h, fine_grained: r*h, vanilla: 4h"
+
+
+def add_bigmac_args(
+    parser: argparse.ArgumentParser, then: Optional[Callable] = None
+) -> argparse.ArgumentParser:
+    """Megatron-LM ``extra_args_provider``: the project's MoE arguments, then ``then(parser)``
+    (the script's own provider, e.g. ModelOpt's) when given."""
+    group = parser.add_argument_group(title="megatron-bigmac MoE")
+    group.add_argument(
+        "--moe-structure", choices=STRUCTURES, default=None,
+        help="MoE layer structure from megatron-bigmac: bigmac (descend h -> r*h, dispatch and "
+             "experts at r*h, ascend r*h -> h), fine_grained (experts h -> r*h -> h) or vanilla "
+             "(experts h -> 4h -> h). Every layer is MoE; needs --num-experts. Unset: Megatron-LM's "
+             "own layers. Without --moe-ffn-hidden-size the experts' inner width is the "
+             f"structure's ({_STRUCTURE_DEFAULT_FFN}), not --ffn-hidden-size.",
+    )
+    group.add_argument(
+        "--moe-low-rank-ratio", type=float, default=0.25,
+        help="r: BigMac's latent width and Fine-Grained's expert width are r*hidden_size "
+             "(0 < r < 1, r*h an integer). Default 0.25.",
+    )
+    group.add_argument(
+        "--moe-expert-activation", choices=EXPERT_ACTIVATIONS, default="gelu",
+        help="Activation inside the experts of --moe-structure. Default gelu.",
+    )
+    if then is not None:
+        parser = then(parser)
+    return parser
+
+
+def help_with_extra_args(extra_args_provider: Callable, argv=None) -> None:
+    """Print Megatron-LM's --help including ``extra_args_provider``'s arguments, and exit, when
+    -h/--help is on the command line. Needed because Megatron-LM 0.16's
+    ``inprocess_restart.maybe_wrap_for_inprocess_restart`` parses the command line (with no extra
+    arguments) before ``pretrain`` does, so its --help never shows them. Otherwise a no-op."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        from megatron.training.arguments import parse_args
+
+        parse_args(extra_args_provider)  # argparse prints the help and raises SystemExit(0)
+
+
+def _flag_given(flag: str, argv=None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def bigmac_config_from_args(args, config_from_args: Optional[Callable] = None, argv=None):
+    """A BigMacConfig from Megatron-LM's parsed arguments (all of them, through Megatron-LM's
+    ``core_transformer_config_from_args``). Raises ValueError with a one-line message naming the
+    argument for combinations the project does not support."""
+    from megatron_bigmac.config import BigMacConfig
+
+    if config_from_args is None:
+        from megatron.training.arguments import core_transformer_config_from_args as config_from_args
+    if not args.num_experts:
+        raise ValueError("--moe-structure needs --num-experts")
+    if getattr(args, "multi_latent_attention", False):
+        raise ValueError("--moe-structure does not support --multi-latent-attention")
+    if getattr(args, "heterogeneous_layers_config_path", None):
+        raise ValueError("--moe-structure does not support --heterogeneous-layers-config-path")
+    if getattr(args, "moe_layer_freq", 1) not in (1, None):
+        raise ValueError("--moe-structure makes every layer MoE; leave --moe-layer-freq at 1")
+    if not _flag_given("--moe-ffn-hidden-size", argv):
+        # Megatron-LM's validate_args filled it from --ffn-hidden-size; the structure decides.
+        args.moe_ffn_hidden_size = None
+    config = config_from_args(args, config_class=BigMacConfig)
+    args.moe_ffn_hidden_size = config.moe_ffn_hidden_size  # for Megatron-LM's FLOPs/logging
+    return config
+
+
+def bigmac_builder(gpt_builder: Callable, config_from_args: Optional[Callable] = None) -> Callable:
+    """Wrap Megatron-LM's ``gpt_builder`` (same signature): with ``--moe-structure`` it gets a
+    BigMacConfig and the project's layer spec; without, it is called unchanged."""
+
+    def builder(args, pre_process=True, post_process=True, vp_stage=None, config=None,
+                pg_collection=None):
+        if getattr(args, "moe_structure", None) is None:
+            return gpt_builder(args, pre_process, post_process, vp_stage, config=config,
+                               pg_collection=pg_collection)
+        from megatron_bigmac.specs import get_moe_gpt_layer_spec
+
+        if config is None or not hasattr(config, "moe_structure"):
+            config = bigmac_config_from_args(args, config_from_args)
+        if getattr(args, "mtp_num_layers", None):
+            raise ValueError("--moe-structure does not support --mtp-num-layers")
+        global LAYER_SPEC
+        LAYER_SPEC = get_moe_gpt_layer_spec(
+            config, normalization=args.normalization, pg_collection=pg_collection
+        )
+        user_spec = args.spec
+        if user_spec is None:  # a --spec of the user's own wins
+            args.spec = [__name__, "LAYER_SPEC"]
+        try:
+            return gpt_builder(args, pre_process, post_process, vp_stage, config=config,
+                               pg_collection=pg_collection)
+        finally:
+            args.spec = user_spec
+
+    builder.__name__ = builder.__qualname__ = "bigmac_gpt_builder"
+    return builder

@@ -1,0 +1,360 @@
+"""Launch scripts without SLURM: scripts/torchrun.sh, the dry run of scripts/slurm/pretrain.sbatch,
+scripts/launch_plan.py, the Megatron-LM glue (megatron_bigmac/megatron_lm.py) and its patch set.
+
+The Megatron-LM patch is checked against a real checkout when MEGATRON_LM_DIR points to one
+(MEGATRON_LM_PYTHON: the interpreter for its --help, default this one); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN_SH = ROOT / "scripts" / "torchrun.sh"
+SBATCH = ROOT / "scripts" / "slurm" / "pretrain.sbatch"
+APPLY = ROOT / "scripts" / "apply_megatron_lm_patch.sh"
+PATCH_DIR = ROOT / "patches" / "megatron-lm" / "core_r0.16.0"
+TINY = ROOT / "configs" / "tiny" / "bigmac.yaml"
+PAPER_XL = [ROOT / "configs" / "paper" / f"gpt3_xl_{s}.yaml" for s in ("bigmac", "fine_grained", "vanilla")]
+
+
+def run(cmd, env=None, timeout=120, cwd=ROOT):
+    full_env = dict(os.environ, PYTHON=sys.executable)
+    for key in ("NPROC", "NNODES", "NODE_RANK", "RDZV_HOST", "RDZV_PORT", "SLURM_JOB_ID"):
+        full_env.pop(key, None)
+    full_env.update(env or {})
+    return subprocess.run([str(c) for c in cmd], env=full_env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def load_launch_plan():
+    spec = importlib.util.spec_from_file_location("launch_plan", ROOT / "scripts" / "launch_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------ torchrun.sh
+def test_torchrun_dry_run_cpu_processes():
+    r = run([TORCHRUN_SH, "--dry-run", TINY, "train_iters=5"], env={"NPROC": "2"})
+    assert r.returncode == 0, r.stderr
+    assert "rendezvous: standalone" in r.stdout
+    assert "world size 2 (1 node(s) x 2 process(es))" in r.stdout
+    assert "EP=2" in r.stdout and "DP=2 (dense)" in r.stdout
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=1" in r.stdout
+    command = r.stdout.split("command:", 1)[1]
+    assert "--standalone --nproc-per-node=2" in command
+    assert f"-m megatron_bigmac.train --config {TINY} train_iters=5" in command
+
+
+def test_torchrun_flag_wins_over_env():
+    r = run([TORCHRUN_SH, "--dry-run", "--nproc", "1", TINY, "expert_model_parallel_size=1"],
+            env={"NPROC": "2"})
+    assert r.returncode == 0, r.stderr
+    assert "world size 1 (1 node(s) x 1 process(es))" in r.stdout
+
+
+def test_torchrun_launches_with_megatron_environment(tmp_path):
+    """A real torchrun launch of 2 CPU processes; the module reports its environment."""
+    (tmp_path / "env_probe.py").write_text(
+        "import os, sys\n"
+        "keys = ('RANK', 'WORLD_SIZE', 'CUDA_DEVICE_MAX_CONNECTIONS', 'OMP_NUM_THREADS')\n"
+        "print('probe', ' '.join(f'{k}={os.environ.get(k)}' for k in keys), sys.argv[1:], flush=True)\n"
+    )
+    r = run([TORCHRUN_SH, TINY, "train_iters=3"], timeout=120,
+            env={"NPROC": "2", "TRAIN_MODULE": "env_probe", "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    probes = sorted(line for line in r.stdout.splitlines() if line.startswith("probe"))
+    assert len(probes) == 2, r.stdout
+    for rank, line in enumerate(probes):
+        assert f"RANK={rank} WORLD_SIZE=2 CUDA_DEVICE_MAX_CONNECTIONS=1 OMP_NUM_THREADS=1" in line
+        assert f"['--config', '{TINY}', 'train_iters=3']" in line
+
+
+def test_torchrun_missing_config():
+    r = run([TORCHRUN_SH, "configs/tiny/no_such_config.yaml"], env={"NPROC": "2"})
+    assert r.returncode != 0
+    assert "config not found: configs/tiny/no_such_config.yaml" in r.stderr
+
+
+def test_torchrun_world_size_must_fit_expert_parallelism():
+    r = run([TORCHRUN_SH, "--dry-run", TINY], env={"NPROC": "3"})
+    assert r.returncode == 2
+    assert "world size 3 is not divisible by ETP x EP x PP = 1 x 2 x 1 = 2" in r.stderr
+
+
+def test_torchrun_rejects_stray_argument():
+    r = run([TORCHRUN_SH, TINY, "train_iters"], env={"NPROC": "2"})
+    assert r.returncode == 2 and "'train_iters' is not of the form key=value" in r.stderr
+
+
+def test_unresolvable_rendezvous_host():
+    r = run([TORCHRUN_SH, TINY], env={"NPROC": "1", "NNODES": "2", "NODE_RANK": "1",
+                                      "RDZV_HOST": "no-such-host.invalid"})
+    assert r.returncode == 3
+    assert "rendezvous host 'no-such-host.invalid' does not resolve" in r.stderr
+
+
+def test_unreachable_rendezvous_port():
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run([TORCHRUN_SH, TINY], timeout=60,
+            env={"NPROC": "1", "NNODES": "2", "NODE_RANK": "1", "RDZV_HOST": "127.0.0.1",
+                 "RDZV_PORT": str(port), "RDZV_WAIT": "2"})
+    assert r.returncode == 3
+    assert f"cannot reach the rendezvous host 127.0.0.1:{port}" in r.stderr
+
+
+# ------------------------------------------------------------------------------ sbatch dry run
+@pytest.mark.parametrize("config", PAPER_XL, ids=lambda p: p.stem)
+def test_sbatch_dry_run_paper_config_on_4x8(config):
+    if not config.exists():
+        pytest.skip(f"{config.relative_to(ROOT)} not present")
+    r = run([SBATCH, "--dry-run", "--nodes=4", "--gpus-per-node=8", "--nodelist=gpu[01-04]",
+             config.relative_to(ROOT)])
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "nodes:       4 (gpu01 gpu02 gpu03 gpu04), 8 process(es) per node" in out
+    assert "world size 32 (4 node(s) x 8 process(es))" in out
+    assert "TP=4 PP=1 CP=1 EP=4 ETP=4 -> DP=8 (dense), expert DP=2" in out
+    assert "rendezvous:  c10d at gpu01:29500" in out
+    per_node = out.split("per-node command", 1)[1]
+    assert "--nnodes=4 --rdzv-backend=c10d --rdzv-endpoint=gpu01:29500" in per_node
+    assert "--nproc-per-node=8" in per_node
+    assert "save=runs/slurm/bigmac-JOBID/checkpoints" in per_node
+    assert "srun --nodes=4 --ntasks=4 --ntasks-per-node=1" in out
+    assert "dry run: nothing launched" in out
+
+
+def test_sbatch_dry_run_without_nodelist_names_the_first_node():
+    r = run([SBATCH, "--dry-run", "--nodes=2", "--nproc=2", TINY, "global_batch_size=32"])
+    assert r.returncode == 0, r.stderr
+    assert "world size 4 (2 node(s) x 2 process(es))" in r.stdout
+    assert "rendezvous:  c10d at <first node>:29500" in r.stdout
+
+
+def test_sbatch_dry_run_node_count_that_does_not_fit():
+    config = PAPER_XL[0] if PAPER_XL[0].exists() else TINY
+    extra = [] if config != TINY else ["tensor_model_parallel_size=4", "expert_model_parallel_size=4",
+                                       "num_attention_heads=4", "num_experts=8"]
+    r = run([SBATCH, "--dry-run", "--nodes=3", "--gpus-per-node=8", config, *extra])
+    assert r.returncode == 2
+    assert ("world size 24 is not divisible by ETP x EP x PP = 4 x 4 x 1 = 16 "
+            "(megatron-core's expert groups); with 8 per node, 2 or 4 or 6 node(s) fit") in r.stderr
+
+
+def test_sbatch_missing_config():
+    r = run([SBATCH, "--dry-run", "configs/paper/no_such.yaml"])
+    assert r.returncode == 2 and "config not found: configs/paper/no_such.yaml" in r.stderr
+
+
+def test_sbatch_outside_an_allocation_needs_dry_run():
+    r = run([SBATCH, TINY])
+    assert r.returncode == 2 and "not inside a SLURM allocation" in r.stderr
+
+
+# ------------------------------------------------------------------------------ launch_plan.py
+def test_plan_follows_extends_and_overrides(tmp_path):
+    lp = load_launch_plan()
+    (tmp_path / "base.yaml").write_text("tensor_model_parallel_size: 2\nnum_experts: 8\n")
+    (tmp_path / "run.yaml").write_text("extends: base.yaml\nexpert_model_parallel_size: 2\n")
+    cfg = lp.load_config(str(tmp_path / "run.yaml"), ["expert_model_parallel_size=4", "lr=1.0e-3"])
+    assert cfg["tensor_model_parallel_size"] == 2 and cfg["expert_model_parallel_size"] == 4
+    assert cfg["lr"] == 1e-3
+    p = lp.plan(cfg, nnodes=2, nproc_per_node=8)
+    assert (p["world_size"], p["dp"], p["ep"], p["etp"], p["expert_dp"]) == (16, 8, 4, 2, 2)
+
+
+@pytest.mark.parametrize("cfg,message", [
+    ({"tensor_model_parallel_size": 3}, "not divisible by TP x PP x CP = 3 x 1 x 1 = 3"),
+    ({"expert_model_parallel_size": 4, "num_experts": 6}, "num_experts=6 is not divisible by expert_model_parallel_size=4"),
+    ({"tensor_model_parallel_size": 4, "num_attention_heads": 6}, "num_attention_heads=6 is not divisible"),
+    ({"micro_batch_size": 4, "global_batch_size": 36}, "global_batch_size=36 is not divisible by micro_batch_size x DP = 4 x 8"),
+    ({"tensor_model_parallel_size": "4"}, "tensor_model_parallel_size: expected an integer"),
+])
+def test_plan_rejects(cfg, message):
+    lp = load_launch_plan()
+    with pytest.raises(lp.PlanError, match=re.escape(message)):
+        lp.plan(cfg, nnodes=1, nproc_per_node=8)
+
+
+def test_expand_nodelist_like_scontrol():
+    lp = load_launch_plan()
+    assert lp.expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert lp.expand_nodelist("a[1-2]b[3-4]") == ["a1b3", "a1b4", "a2b3", "a2b4"]
+
+
+# ------------------------------------------------------------------------------ Megatron-LM glue
+def test_add_bigmac_args_and_chaining():
+    from megatron_bigmac.megatron_lm import add_bigmac_args
+
+    chained = []
+
+    def other(parser):
+        chained.append(True)
+        parser.add_argument("--other", type=int, default=0)
+        return parser
+
+    parser = add_bigmac_args(argparse.ArgumentParser(), then=other)
+    args = parser.parse_args(["--moe-structure", "bigmac", "--moe-low-rank-ratio", "0.5",
+                              "--moe-expert-activation", "relu", "--other", "3"])
+    assert (args.moe_structure, args.moe_low_rank_ratio, args.moe_expert_activation, args.other) == (
+        "bigmac", 0.5, "relu", 3)
+    assert chained == [True]
+    defaults = add_bigmac_args(argparse.ArgumentParser()).parse_args([])
+    assert (defaults.moe_structure, defaults.moe_low_rank_ratio, defaults.moe_expert_activation) == (
+        None, 0.25, "gelu")
+    with pytest.raises(SystemExit):
+        add_bigmac_args(argparse.ArgumentParser()).parse_args(["--moe-structure", "dense"])
+
+
+def _megatron_args(**overrides):
+    """The attributes of Megatron-LM's parsed args that the glue and the fake config reader use."""
+    values = dict(moe_structure="bigmac", moe_low_rank_ratio=0.25, moe_expert_activation="gelu",
+                  num_experts=8, moe_router_topk=2, num_layers=2, hidden_size=64,
+                  num_attention_heads=4, ffn_hidden_size=256, moe_ffn_hidden_size=256,
+                  normalization="LayerNorm", spec=None, mtp_num_layers=None,
+                  multi_latent_attention=False, heterogeneous_layers_config_path=None,
+                  moe_layer_freq=1, use_cpu_initialization=True)
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def _config_from_args(args, config_class=None):
+    """Stands in for Megatron-LM's core_transformer_config_from_args: every dataclass field the
+    args carry (plus num_experts -> num_moe_experts), as Megatron-LM does."""
+    import dataclasses
+
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+              if hasattr(args, f.name)}
+    kwargs["num_moe_experts"] = args.num_experts
+    return config_class(**kwargs)
+
+
+def test_bigmac_builder_hands_config_and_spec_to_megatron_lm():
+    from megatron.core.transformer.spec_utils import import_module
+
+    import megatron_bigmac.megatron_lm as glue
+    from megatron_bigmac.config import BigMacConfig
+    from megatron_bigmac.moe import BigMacMoELayer
+
+    seen = {}
+
+    def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
+        seen["config"] = config
+        seen["spec"] = import_module(args.spec)  # what Megatron-LM's gpt_builder does with --spec
+        return "model"
+
+    build = glue.bigmac_builder(gpt_builder, config_from_args=_config_from_args)
+    args = _megatron_args()
+    assert build(args, True, True) == "model"
+    config = seen["config"]
+    assert isinstance(config, BigMacConfig) and config.moe_structure == "bigmac"
+    # --moe-ffn-hidden-size was not on the command line: the structure's width (h), not 4h.
+    assert config.moe_ffn_hidden_size == 64 and args.moe_ffn_hidden_size == 64
+    assert seen["spec"].submodules.mlp.module is BigMacMoELayer
+    assert args.spec is None  # restored after the build
+
+
+def test_bigmac_builder_without_structure_is_megatron_lm_unchanged():
+    import megatron_bigmac.megatron_lm as glue
+
+    calls = []
+    build = glue.bigmac_builder(lambda *a, **k: calls.append((a, k)) or "stock",
+                                config_from_args=_config_from_args)
+    args = _megatron_args(moe_structure=None)
+    assert build(args, True, False, 1, config="cfg", pg_collection="pg") == "stock"
+    assert calls == [((args, True, False, 1), {"config": "cfg", "pg_collection": "pg"})]
+
+
+def test_bigmac_config_from_args_errors_and_explicit_ffn():
+    import megatron_bigmac.megatron_lm as glue
+
+    with pytest.raises(ValueError, match="--moe-structure needs --num-experts"):
+        glue.bigmac_config_from_args(_megatron_args(num_experts=None), _config_from_args, argv=[])
+    config = glue.bigmac_config_from_args(
+        _megatron_args(moe_structure="fine_grained", moe_ffn_hidden_size=32), _config_from_args,
+        argv=["--moe-ffn-hidden-size", "32"])
+    assert config.moe_ffn_hidden_size == 32
+    config = glue.bigmac_config_from_args(_megatron_args(moe_structure="fine_grained"),
+                                          _config_from_args, argv=[])
+    assert config.moe_ffn_hidden_size == 16  # r*h
+
+
+# ------------------------------------------------------------------------------ the patch set
+def test_patch_set_is_small_and_touches_only_pretrain_gpt():
+    patches = sorted(PATCH_DIR.glob("*.patch"))
+    assert patches, f"no patches in {PATCH_DIR}"
+    for patch in patches:
+        text = patch.read_text()
+        files = re.findall(r"^diff --git a/(\S+) b/", text, flags=re.M)
+        assert files == ["pretrain_gpt.py"], files
+        changed = [l for l in text.splitlines()
+                   if l[:1] in "+-" and not l.startswith(("+++", "---"))]
+        assert len(changed) <= 15, f"{patch.name}: {len(changed)} changed lines"
+        assert "megatron_bigmac.megatron_lm" in text
+
+
+def test_apply_script_rejects_a_directory_that_is_not_megatron_lm(tmp_path):
+    r = run([APPLY, "--check", tmp_path])
+    assert r.returncode == 2 and "is not a Megatron-LM checkout" in r.stderr
+
+
+def test_apply_script_rejects_an_unsupported_release(tmp_path):
+    (tmp_path / "megatron" / "core").mkdir(parents=True)
+    (tmp_path / "pretrain_gpt.py").write_text("")
+    (tmp_path / "megatron" / "core" / "package_info.py").write_text("MAJOR = 0\nMINOR = 9\nPATCH = 0\n")
+    r = run([APPLY, "--check", tmp_path])
+    assert r.returncode == 2
+    assert "no patch set for Megatron-LM 0.9.0 (release line core_r0.9.0); supported: core_r0.16.0" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def megatron_lm_copy(tmp_path_factory):
+    source = os.environ.get("MEGATRON_LM_DIR")
+    if not source:
+        pytest.skip("MEGATRON_LM_DIR is not set: the patch is checked only against a Megatron-LM "
+                    "checkout (e.g. git clone -b core_r0.16.0 <Megatron-LM> and point it there)")
+    if not (Path(source) / "pretrain_gpt.py").is_file():
+        pytest.fail(f"MEGATRON_LM_DIR={source} has no pretrain_gpt.py")
+    copy = tmp_path_factory.mktemp("megatron-lm") / "Megatron-LM"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns(".git"), symlinks=True)
+    return copy
+
+
+def test_patch_applies_to_megatron_lm(megatron_lm_copy):
+    r = run([APPLY, "--check", megatron_lm_copy])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "applies cleanly" in r.stdout or "already applied" in r.stdout
+    r = run([APPLY, megatron_lm_copy])
+    assert r.returncode == 0, r.stdout + r.stderr
+    again = run([APPLY, megatron_lm_copy])
+    assert again.returncode == 0 and "already applied" in again.stdout
+
+
+def test_patched_pretrain_gpt_help_lists_the_arguments(megatron_lm_copy):
+    run([APPLY, megatron_lm_copy])
+    python = os.environ.get("MEGATRON_LM_PYTHON", sys.executable)
+    r = run([python, "pretrain_gpt.py", "--help"], cwd=megatron_lm_copy, timeout=300,
+            env={"PYTHONPATH": str(ROOT)})
+    missing = re.search(r"No module named '([^']+)'", r.stderr)
+    if r.returncode != 0 and missing and not missing.group(1).startswith("megatron"):
+        pytest.skip(f"Megatron-LM's pretrain_gpt.py needs the package '{missing.group(1)}' to "
+                    f"import (its --help too); install it or set MEGATRON_LM_PYTHON")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for flag in ("--moe-structure {bigmac,fine_grained,vanilla}", "--moe-low-rank-ratio",
+                 "--moe-expert-activation"):
+        assert flag in r.stdout
+    assert "--tensor-model-parallel-size" in r.stdout  # Megatron-LM's own arguments are still there
