@@ -33,14 +33,6 @@ def mcore_version() -> str:
     return importlib.metadata.version("megatron-core")
 
 
-def have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def cpu_only() -> bool:
     return not torch.cuda.is_available()
 
@@ -52,7 +44,7 @@ def apply() -> None:
         return
     version = mcore_version()
     if not version.startswith(SUPPORTED_MCORE):
-        # Newer releases may have fixed (or moved) what we patch: refuse silently patching them.
+        # Other releases may have fixed or moved what these shims patch: never patch them blindly.
         logger.warning(
             "megatron-core %s is not one of %s: compatibility shims are not applied", version,
             SUPPORTED_MCORE,
