@@ -1,0 +1,276 @@
+"""The pretraining runner end to end on CPU: `python -m megatron_bigmac.train` under torchrun, 2 gloo
+processes with expert parallelism 2, on the shipped enwiki sample (tokenized once into a temporary
+cache).
+
+Runs share one schedule (lr_decay_iters=30), so a 15-iteration run follows the first 15 iterations
+of a 30-iteration one. Stated margins and tolerances:
+
+* every structure: validation loss at iteration 30 at least 1.0 nat below iteration 0's;
+* the same seed twice: identical losses (bitwise: same code, same host);
+* EP=2 vs EP=1 (same model, experts sharded vs replicated): losses within 1e-5 relative;
+* save at 15, resume to 30: iterations 16..30 identical to the uninterrupted run, dropout on;
+* the committed curve tests/assets/losses/tiny_bigmac.txt: within 2e-3 absolute (other CPUs
+  round differently); `UPDATE_LOSS_CURVES=1 pytest tests/test_training.py` rewrites it, and a
+  change that moves it needs a reason in its commit.
+
+Config checks and the paper configs' parameter counts run in-process, without process groups.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny"
+PAPER = ROOT / "configs" / "paper"
+CURVE = ROOT / "tests" / "assets" / "losses" / "tiny_bigmac.txt"
+STRUCTURES = ("bigmac", "fine_grained", "vanilla")
+
+# Dropout on (so resuming must restore the RNG), a short warmup, one schedule for every run.
+COMMON = ("lr_warmup_iters=5", "lr_decay_iters=30", "log_interval=1", "eval_interval=15",
+          "eval_iters=2", "hidden_dropout=0.1", "attention_dropout=0.1")
+VAL_LOSS_MARGIN = 1.0
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def train(cache: Path, out: Path, config: str = "bigmac", *overrides: str, nproc: int = 2):
+    """Run the trainer CLI; return (train losses by step, eval losses by step, stdout)."""
+    env = dict(os.environ, MEGATRON_BIGMAC_CACHE=str(cache), CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "megatron_bigmac.train", "--config", str(TINY / f"{config}.yaml"), *COMMON,
+           f"log_dir={out}", *overrides]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["lm_loss"] for r in records if r["kind"] == "train"}
+    evals = {r["step"]: r["lm_loss"] for r in records if r["kind"] == "eval"}
+    return losses, evals, r.stdout
+
+
+@pytest.fixture(scope="module")
+def bigmac_run(cache, tmp_path_factory):
+    """The reference run: 30 iterations of tiny BigMac, saving at 15 and 30."""
+    out = tmp_path_factory.mktemp("bigmac")
+    losses, evals, stdout = train(cache, out, "bigmac", "train_iters=30", f"save={out}",
+                                  "save_interval=15")
+    return out, losses, evals, stdout
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_bigmac_trains_and_validation_loss_drops(bigmac_run):
+    out, losses, evals, stdout = bigmac_run
+    assert sorted(losses) == list(range(1, 31))
+    assert sorted(evals) == [0, 15, 30]
+    assert evals[30] < evals[0] - VAL_LOSS_MARGIN, evals
+    assert all(math.isfinite(v) for v in losses.values())
+    # The console shows progress and perplexity; the checkpoints are complete.
+    assert "validation: loss" in stdout and "perplexity" in stdout and "ETA" in stdout
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    assert (out / "iter_0000015" / "metadata.json").is_file()
+    assert not list(out.glob("*.tmp"))
+    assert "num_experts: 8" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("structure", ["fine_grained", "vanilla"])
+def test_other_structures_train_and_validation_loss_drops(cache, tmp_path, structure):
+    losses, evals, _ = train(cache, tmp_path, structure, "train_iters=30")
+    assert sorted(losses) == list(range(1, 31))
+    assert evals[30] < evals[0] - VAL_LOSS_MARGIN, evals
+
+
+def test_loss_curve_matches_committed_reference(bigmac_run):
+    _, losses, _, _ = bigmac_run
+    if os.environ.get("UPDATE_LOSS_CURVES"):
+        CURVE.parent.mkdir(parents=True, exist_ok=True)
+        CURVE.write_text("# step lm_loss: configs/tiny/bigmac.yaml + tests/test_training.py COMMON,"
+                         " train_iters=30, 2 CPU processes, EP=2\n"
+                         + "".join(f"{s} {losses[s]:.6f}\n" for s in sorted(losses)))
+    reference = {int(s): float(v) for s, v in (line.split() for line in CURVE.read_text().splitlines()
+                                               if not line.startswith("#"))}
+    assert sorted(reference) == sorted(losses)
+    for step, value in reference.items():
+        assert losses[step] == pytest.approx(value, abs=2e-3), f"step {step}"
+
+
+# ------------------------------------------------------------------------------ reproducibility
+def test_same_seed_gives_identical_losses(cache, tmp_path, bigmac_run):
+    _, reference, _, _ = bigmac_run
+    losses, _, _ = train(cache, tmp_path, "bigmac", "train_iters=15")
+    assert losses == {s: reference[s] for s in range(1, 16)}
+
+
+def test_expert_parallel_1_and_2_give_the_same_curve(cache, tmp_path, bigmac_run):
+    _, reference, _, _ = bigmac_run
+    losses, _, _ = train(cache, tmp_path, "bigmac", "train_iters=15", "expert_model_parallel_size=1")
+    for step in range(1, 16):
+        assert losses[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}"
+
+
+def test_resume_repeats_the_uninterrupted_run(cache, tmp_path, bigmac_run):
+    out, reference, _, _ = bigmac_run
+    losses, _, stdout = train(cache, tmp_path, "bigmac", "train_iters=30",
+                              f"load={out / 'iter_0000015'}", f"save={tmp_path}")
+    assert "resumed from" in stdout
+    assert sorted(losses) == list(range(16, 31))
+    assert losses == {s: reference[s] for s in range(16, 31)}
+
+
+def test_evaluate_cli_gives_perplexity_on_wikitext(cache, bigmac_run):
+    out, _, evals, _ = bigmac_run
+    env = dict(os.environ, MEGATRON_BIGMAC_CACHE=str(cache), CUDA_VISIBLE_DEVICES="")
+    wikitext = ROOT / "megatron_bigmac" / "assets" / "sample" / "wikitext-2-raw-v1-test.articles.jsonl.gz"
+    r = subprocess.run([sys.executable, "-m", "megatron_bigmac.evaluate", "--load", str(out),
+                        "--data", str(wikitext), "--max-tokens", "8192", "--json"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["tokens"] == 8191 and result["checkpoint"].endswith("iter_0000030")
+    # Trained for 30 iterations: far below the untrained model's perplexity.
+    assert result["perplexity"] < math.exp(evals[0] - VAL_LOSS_MARGIN)
+
+
+# ------------------------------------------------------------------------------ configs
+def load(path=None, *overrides, world_size=2, cuda=False):
+    from megatron_bigmac.training.config import load_config
+
+    return load_config(path, list(overrides), world_size=world_size, cuda=cuda)
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, message",
+    [
+        (["lr_warmup_iter=3"], 2, r"^lr_warmup_iter: unknown key \(did you mean lr_warmup_iters\?\)$"),
+        (["num_expert=8"], 2, r"^num_expert: unknown key \(did you mean num_experts\?\)$"),
+        (["lr=fast"], 2, r"^lr: expected a number, got 'fast' \(str\)$"),
+        (["train_iters=1.5"], 2, r"^train_iters: expected an integer"),
+        (["bf16=yes please"], 2, r"^bf16: expected true or false"),
+        (["train_data_path=3"], 2, r"^train_data_path: expected a list of strings"),
+        (["global_batch_size=24"], 2, r"^global_batch_size: 24 is not divisible by micro_batch_size x data-parallel size = 8 x 2$"),
+        (["tensor_model_parallel_size=2", "num_attention_heads=3", "hidden_size=96"], 2,
+         r"^tensor_model_parallel_size: 2 does not divide num_attention_heads=3$"),
+        (["num_attention_heads=5"], 2, r"^num_attention_heads: 5 does not divide hidden_size=64$"),
+        (["num_experts=6", "expert_model_parallel_size=4"], 4, r"^expert_model_parallel_size: 4 does not divide num_experts=6$"),
+        (["tensor_model_parallel_size=3"], 2, r"^tensor_model_parallel_size: TP=3 x PP=1 does not divide the 2 processes$"),
+        (["expert_model_parallel_size=4"], 2, r"^expert_model_parallel_size: EP=4 x expert TP=1 x PP=1 does not divide"),
+        (["tensor_model_parallel_size=2"], 4, r"^sequence_parallel: megatron-core MoE with TP > 1 and EP > 1 needs"),
+        (["sequence_parallel=true"], 2, r"^sequence_parallel: needs tensor_model_parallel_size > 1$"),
+        (["pipeline_model_parallel_size=2"], 4, r"^pipeline_model_parallel_size: pipeline parallelism is not supported"),
+        (["moe_structure=dense"], 2, r"^moe_structure: 'dense' is not one of bigmac, fine_grained, vanilla$"),
+        (["moe_low_rank_ratio=0.3"], 2, r"^moe_low_rank_ratio: r \* hidden_size = 0.3 \* 64 = 19.2"),
+        (["moe_router_topk=9"], 2, r"^moe_router_topk: must be in \[1, num_moe_experts=8\], got 9$"),
+        (["bf16=true"], 2, r"^bf16: needs a GPU"),
+        (["use_distributed_optimizer=true"], 2, r"^use_distributed_optimizer: needs GPUs"),
+        (["min_lr=0.1"], 2, r"^min_lr: 0.1 is larger than lr=0.003$"),
+        (["lr_warmup_iters=300"], 2, r"^lr_warmup_iters: 300 must be smaller than lr_decay_iters=200$"),
+        (["save_interval=10"], 2, r"^save_interval: needs save: <directory>$"),
+        (["hidden_dropout=1.5"], 2, r"^hidden_dropout: must be in \[0, 1\)"),
+        (["train_data_path=[]", "valid_data_path=[]"], 2, r"^data_path: no training data"),
+        (["data_path=[x]"], 2, r"^data_path: set either data_path"),
+        (["lr_decay_style=exponential"], 2, r"^lr_decay_style: 'exponential' is not one of"),
+        (["seq_length"], 2, r"^seq_length: an override must look like key=value$"),
+    ],
+)
+def test_rejected_configs_name_the_key_in_one_line(overrides, world_size, message):
+    import torch.distributed as dist
+
+    from megatron_bigmac.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as info:
+        load(TINY / "bigmac.yaml", *overrides, world_size=world_size)
+    assert "\n" not in str(info.value)
+    assert not dist.is_initialized()  # checked before any process group exists
+
+
+def test_extends_chain_and_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(f"extends: {TINY / 'bigmac.yaml'}\nlr: 1.0e-3\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nnum_layers: 3\nmin_lr: 3e-5\n")
+    cfg = load(child, "num_layers=4", "save=null")
+    assert (cfg.lr, cfg.num_layers, cfg.min_lr, cfg.moe_structure) == (1e-3, 4, 3e-5, "bigmac")
+    assert cfg.save is None and cfg.num_microbatches == 1 and cfg.lr_decay_iters == 200
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    from megatron_bigmac.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^extends: cycle"):
+        load(tmp_path / "a.yaml")
+
+
+def test_cli_stops_on_a_bad_key_before_starting_processes():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-m", "megatron_bigmac.train", "--config",
+                        str(TINY / "bigmac.yaml"), "lr_warmup_iter=3"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "config error: lr_warmup_iter: unknown key (did you mean lr_warmup_iters?)")
+
+
+def test_shipped_configs_parse():
+    for structure in STRUCTURES:
+        cfg = load(TINY / f"{structure}.yaml")
+        assert (cfg.moe_structure, cfg.expert_model_parallel_size) == (structure, 2)
+        small = load(ROOT / "configs" / "small" / f"{structure}.yaml", world_size=1, cuda=True)
+        assert (small.num_layers, small.hidden_size, small.bf16) == (12, 768, True)
+
+
+def _paper_counts(rank, world_size, paths, results):
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_bigmac.costs import MoEModelShape, count_parameters
+    from megatron_bigmac.training.model import build_gpt, padded_vocab_size
+
+    parallel_state.initialize_model_parallel()
+    for path in paths:
+        # The layout does not change the model: count it whole, in one process, on meta.
+        cfg = load(path, "tensor_model_parallel_size=1", "expert_model_parallel_size=1",
+                   "sequence_parallel=false", world_size=1, cuda=True)
+        with torch.device("meta"):
+            model = build_gpt(cfg, meta=True)
+        built = sum(p.numel() for p in model.parameters())
+        shape = MoEModelShape.from_config(model.config, cfg.seq_length, padded_vocab_size(cfg))
+        results[path.stem] = (built, count_parameters(shape)["total"])
+    parallel_state.destroy_model_parallel()
+
+
+def test_paper_configs_match_table_5_and_build_on_meta_with_analytic_counts():
+    import torch.multiprocessing as mp
+    from distributed import run_distributed
+
+    paths = sorted(p for p in PAPER.glob("gpt3_*.yaml") if not p.stem.endswith("_base"))
+    assert len(paths) == 6
+    for path in paths:
+        cfg = load(path, world_size=32, cuda=True)  # TP=4 x EP=4 on 32 GPUs
+        table5 = dict(num_layers=24, num_attention_heads=16, seq_length=2048, global_batch_size=256,
+                      hidden_dropout=0.1, attention_dropout=0.1, moe_expert_capacity_factor=1.2,
+                      moe_aux_loss_coeff=1e-3, adam_eps=1e-8, adam_beta1=0.9, adam_beta2=0.95,
+                      weight_decay=0.1, lr=3e-4, min_lr=3e-5, lr_decay_style="cosine", clip_grad=1.0,
+                      seed=1234, tensor_model_parallel_size=4, expert_model_parallel_size=4, bf16=True)
+        assert {k: getattr(cfg, k) for k in table5} == table5, path.name
+        xl = "_xl_" in path.name
+        assert cfg.hidden_size == (2048 if xl else 1024)
+        assert (cfg.lr_decay_iters, cfg.lr_warmup_iters) == ((5200, 1200) if xl else (28000, 5000))
+        assert cfg.data_parallel_size == 8 and 32 // (4 * 4) == 2  # dense DP 8, expert DP 2
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        run_distributed(_paper_counts, 1, paths, results)
+        results = dict(results)
+    for name, (built, analytic) in results.items():
+        assert built == analytic, name
+    assert round(results["gpt3_xl_fine_grained"][0] / 1e9, 2) == 3.73  # Table 3
+    assert round(results["gpt3_xl_bigmac"][0] / 1e9, 2) == 3.78
