@@ -358,3 +358,64 @@ def test_patched_pretrain_gpt_help_lists_the_arguments(megatron_lm_copy):
                  "--moe-expert-activation"):
         assert flag in r.stdout
     assert "--tensor-model-parallel-size" in r.stdout  # Megatron-LM's own arguments are still there
+
+
+MEGATRON_LM_BUILD = '''
+import os, sys
+mlm, structure = sys.argv[1], sys.argv[2]
+sys.path.insert(0, mlm)
+import torch
+import megatron_bigmac  # noqa: F401  (the project's megatron-core shims, as pretrain_gpt.py gets them)
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.training.arguments import parse_args, validate_args
+from megatron.training.global_vars import set_args
+from gpt_builders import gpt_builder
+from megatron_bigmac.megatron_lm import add_bigmac_args, bigmac_builder
+sys.argv = ["pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
+    "--global-batch-size", "2", "--num-experts", "4", "--moe-router-topk", "2",
+    "--moe-structure", structure, "--moe-low-rank-ratio", "0.25", "--transformer-impl", "local",
+    "--use-cpu-initialization", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
+    "--mock-data", "--train-iters", "1", "--moe-token-dispatcher-type", "alltoall",
+    "--no-gradient-accumulation-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
+    "--no-masked-softmax-fusion", "--no-rope-fusion", "--no-persist-layer-norm"]
+args = parse_args(add_bigmac_args)
+validate_args(args, {})
+args.padded_vocab_size = 128
+set_args(args)
+torch.distributed.init_process_group("gloo", world_size=1, rank=0)
+parallel_state.initialize_model_parallel()
+model_parallel_cuda_manual_seed(1)
+model = bigmac_builder(gpt_builder)(args, True, True)
+tokens = torch.randint(0, 128, (2, 32))
+loss = model(tokens, torch.arange(32).expand(2, 32),
+             torch.triu(torch.ones(1, 1, 32, 32, dtype=torch.bool), 1), labels=tokens)
+loss.float().mean().backward()
+print("built", type(model.config).__name__, model.config.moe_structure,
+      type(model.decoder.layers[0].mlp).__name__, model.config.moe_ffn_hidden_size,
+      torch.isfinite(loss).all().item())
+'''
+
+
+@pytest.mark.parametrize("structure,layer,ffn", [("bigmac", "BigMacMoELayer", 64),
+                                                  ("fine_grained", "MoELayer", 16)])
+def test_megatron_lm_arguments_build_and_run_the_model(megatron_lm_copy, tmp_path, structure,
+                                                       layer, ffn):
+    """Megatron-LM's own parse_args/validate_args/core_transformer_config_from_args/gpt_builder
+    with the glue: one forward and backward on CPU (1 process, gloo)."""
+    script = tmp_path / "build.py"
+    script.write_text(MEGATRON_LM_BUILD)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    python = os.environ.get("MEGATRON_LM_PYTHON", sys.executable)
+    r = run([python, script, megatron_lm_copy, structure], cwd=tmp_path, timeout=300,
+            env={"PYTHONPATH": str(ROOT), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    missing = re.search(r"No module named '([^']+)'", r.stderr)
+    if r.returncode != 0 and missing and not missing.group(1).startswith("megatron"):
+        pytest.skip(f"Megatron-LM's training package needs '{missing.group(1)}'; install it or set "
+                    "MEGATRON_LM_PYTHON")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"built BigMacConfig {structure} {layer} {ffn} True" in r.stdout
