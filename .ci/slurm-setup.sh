@@ -112,7 +112,7 @@ if [ "$changed" = 1 ] || [ -n "${SLURM_SETUP_FORCE_RESTART:-}" ]; then
 fi
 if ! pid_alive /run/slurmctld.pid; then
     log "starting slurmctld"
-    /usr/sbin/slurmctld -i     # -i: ignore state files left from an incompatible earlier config
+    /usr/sbin/slurmctld -c     # -c: start with no jobs from an earlier controller
 fi
 for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q 'is UP' && break; sleep 0.1; done
 scontrol ping 2>/dev/null | grep -q 'is UP' || die "slurmctld does not answer (see /var/log/slurm/slurmctld.log)"
