@@ -108,7 +108,8 @@ def unique(prefix):
 
 def test_tiny_bigmac_two_cpu_processes(tmp_path):
     name = unique("tiny")
-    r = sbatch(tmp_path, name, ["--nproc=2", TINY, "train_iters=4", *TINY_ARGS])
+    # Only the resources differ from a GPU run: 2 CPUs per task -> 2 CPU processes.
+    r = sbatch(tmp_path, name, [TINY, "train_iters=4", *TINY_ARGS], cpus=2)
     job_id = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
     log = (tmp_path / f"{name}-{job_id}.out").read_text()
     assert r.returncode == 0, log[-4000:]
@@ -132,7 +133,7 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path):
     name = unique("requeue")
     iters = 16
     # Not --wait: sbatch --wait may return as soon as it sees the requeue, with a failed status.
-    r = sbatch(tmp_path, name, ["--nproc=2", TINY, f"train_iters={iters}", *TINY_ARGS], wait=False)
+    r = sbatch(tmp_path, name, [TINY, f"train_iters={iters}", *TINY_ARGS], wait=False)
     job_id = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
     log_path = tmp_path / f"{name}-{job_id}.out"
     deadline = time.time() + 240
@@ -177,7 +178,7 @@ def test_bad_input_fails_the_job_with_a_clear_message(tmp_path):
     cases = {  # name: (script arguments, environment, exit code, message in the log)
         "noconfig": (["--nproc=2", "configs/tiny/no_such.yaml"], {}, 2,
                      "pretrain.sbatch: error: config not found: configs/tiny/no_such.yaml"),
-        "misfit": (["--nproc=3", TINY], {}, 2,
+        "misfit": ([TINY], {}, 2,
                    "error: 1 node(s) x 3 process(es) = world size 3 is not divisible by "
                    "ETP x EP x PP = 1 x 2 x 1 = 2"),
         "nordzv": (["--nproc=2", TINY], {"RDZV_HOST": "no-such-host.invalid"}, 3,
@@ -186,7 +187,8 @@ def test_bad_input_fails_the_job_with_a_clear_message(tmp_path):
     jobs = {}
     for key, (args, env, _, _) in cases.items():
         name = unique(key)
-        r = sbatch(tmp_path, name, args, cpus=1, wait=False, env=job_env(**env))
+        r = sbatch(tmp_path, name, args, cpus=3 if key == "misfit" else 1, wait=False,
+                   env=job_env(**env))
         jobs[key] = (name, re.search(r"Submitted batch job (\d+)", r.stdout).group(1))
     for key, (name, job_id) in jobs.items():
         fields = wait_done(job_id, timeout=120)
