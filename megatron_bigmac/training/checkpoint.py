@@ -93,7 +93,14 @@ def _sharded_state(model, optimizer, rank: int, world_size: int, is_loading: boo
     this rank's offsets; RNG states are one object per rank."""
     state = {"model": unwrap(model).sharded_state_dict()}
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+        # The distributed optimizer saves its own shards (Megatron-LM's default format, no
+        # communication). megatron-core 0.16.1's "fully_reshardable" cannot load torch Adam's
+        # per-parameter "step" without transformer-engine/apex (KeyError 'step' in
+        # _set_main_param_and_optimizer_states).
+        metadata = {"distrib_optim_sharding_type": "dp_reshardable",
+                    "chained_optim_avoid_prefix": True}
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading,
+                                                          metadata=metadata)
     if with_rng:
         state["rng"] = ShardedObject("rng_state", _rng_state(), (world_size,), (rank,), replica_id=0)
     return state
@@ -143,6 +150,19 @@ def check_compatible(saved: dict, cfg: TrainingConfig, where: Path) -> None:
             )
 
 
+def _fill_empty_distributed_optimizer_state(optimizer) -> None:
+    """megatron-core 0.16.1 without transformer-engine/apex: DistributedOptimizer.state_dict()
+    asserts that torch's Adam state holds one 'step' (optimizer/distrib_optimizer.py, state_dict),
+    which is empty before the first step, so a fresh DistributedOptimizer cannot build the state
+    dict to load into. Its own _init_optimizer_states_with_dummy_values (one zero-gradient step)
+    fills it; everything that step touches is then overwritten by the checkpoint."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def load_checkpoint(cfg: TrainingConfig, model, optimizer, scheduler) -> Tuple[int, int]:
     """Restore from ``cfg.load``; returns (iteration, consumed_samples), (0, 0) when there is
     nothing to load yet (a fresh run whose ``load`` is its own empty ``save``)."""
@@ -155,12 +175,14 @@ def load_checkpoint(cfg: TrainingConfig, model, optimizer, scheduler) -> Tuple[i
     common = dist_checkpointing.load_common_state_dict(str(where))
     check_compatible(common["config"], cfg, where)
     same_layout = common["world_size"] == world_size
+    _fill_empty_distributed_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer, rank, world_size, is_loading=True,
                            with_rng=same_layout)
     loaded = dist_checkpointing.load(state, str(where))
 
     unwrap(model).load_state_dict(loaded["model"], strict=True)
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # megatron-core 0.16.1 copies into leaf main params outside no_grad
+        optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng"])

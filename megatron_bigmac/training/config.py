@@ -101,7 +101,8 @@ class TrainingConfig:
     """Defaults to tensor_model_parallel_size (megatron-core's default)."""
     sequence_parallel: bool = False
     use_distributed_optimizer: Optional[bool] = None
-    """None: on with GPUs, off on CPU (megatron-core's distributed optimizer needs CUDA)."""
+    """None: on with GPUs and data parallelism > 1 (it shards optimizer state over DP, so one
+    GPU gains nothing); off on CPU (megatron-core's distributed optimizer needs CUDA)."""
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     distributed_backend: str = field(default="auto", metadata=_choices("auto", "nccl", "gloo"))
@@ -402,7 +403,7 @@ def validate(cfg: TrainingConfig, world_size: int, cuda: bool) -> None:
     if cfg.bf16 and not cuda:
         _fail("bf16", "needs a GPU (megatron-core's mixed-precision optimizer is CUDA-only); use bf16: false on CPU")
     if cfg.use_distributed_optimizer is None:
-        cfg.use_distributed_optimizer = cuda
+        cfg.use_distributed_optimizer = cuda and dp > 1
     if cfg.use_distributed_optimizer and not cuda:
         _fail("use_distributed_optimizer", "needs GPUs; use false on CPU")
     if cfg.use_cpu_initialization is None:

@@ -75,9 +75,13 @@ class StepTimers:
         self.cuda = device.type == "cuda"
         self.armed = False
         self.elapsed: Dict[str, float] = defaultdict(float)
+        self._timers: Dict[str, _Timer] = {}
 
     def __call__(self, name: str, log_level: Optional[int] = None) -> _Timer:
-        return _Timer(self, name)
+        # One object per name: megatron-core starts and stops a timer through separate calls.
+        if name not in self._timers:
+            self._timers[name] = _Timer(self, name)
+        return self._timers[name]
 
     def synchronize(self) -> None:
         if self.cuda:

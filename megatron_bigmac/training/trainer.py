@@ -118,7 +118,7 @@ class Trainer:
                 self.log_train(loss_sums, grad_norm, elapsed, interval_steps)
                 loss_sums.zero_()
                 interval_start, interval_steps = time.perf_counter(), 0
-            if cfg.eval_iters > 0 and (last or self.iteration % cfg.eval_interval == 0):
+            if last or self.iteration % cfg.eval_interval == 0:
                 val_loss = self.evaluate()
                 interval_start = time.perf_counter()
             stop = self.exit_signal is not None and self.exit_signal.agreed()
@@ -177,10 +177,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> Optional[float]:
         """Loss over ``eval_iters`` global batches of the validation split, the same batches
         every time (so the curve compares like with like); logs loss and perplexity."""
         cfg = self.cfg
+        if self.valid_data is None:  # eval_iters: 0
+            return None
         self.model.eval()
         batches = data.batches(self.valid_data, cfg, self.ctx.dp_rank, self.ctx.dp_size)
         outputs = self.forward_backward(
