@@ -81,10 +81,14 @@ def windows(tokens: np.ndarray, seq_length: int, stride: int):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_bigmac.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load", required=True, help="checkpoint: a save directory or iter_NNNNNNN")
-    parser.add_argument("--data", required=True, help="dataset prefix, sample:NAME, text or JSONL file")
-    parser.add_argument("--seq-length", type=int, default=None, help="window (default: trained seq_length)")
-    parser.add_argument("--stride", type=int, default=None, help="default: --seq-length (no overlap)")
+    parser.add_argument("--load", required=True,
+                        help="checkpoint: a save directory or an iter_NNNNNNN directory")
+    parser.add_argument("--data", required=True,
+                        help="dataset prefix, sample:NAME, a text file or a JSON-lines file")
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="window length (default: the trained seq_length)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="default: --seq-length (no overlap)")
     parser.add_argument("--micro-batch-size", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None, help="only the first N tokens")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead")
@@ -160,7 +164,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # rank r takes rows r, r + DP, ...; missing rows are padding with an empty mask.
             mbs = cfg.micro_batch_size
             per_rank = math.ceil(len(rows) / (ctx.dp_size * mbs)) * mbs
-            mine = [rows[i] if i < len(rows) else (rows[0][0], rows[0][1], np.zeros(seq_length, np.float32))
+            padding = (rows[0][0], rows[0][1], np.zeros(seq_length, np.float32))
+            mine = [rows[i] if i < len(rows) else padding
                     for i in range(ctx.dp_rank, per_rank * ctx.dp_size, ctx.dp_size)]
             sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
             positions = torch.arange(seq_length, device=ctx.device).unsqueeze(0)

@@ -102,7 +102,8 @@ def _sharded_state(model, optimizer, rank: int, world_size: int, is_loading: boo
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading,
                                                           metadata=metadata)
     if with_rng:
-        state["rng"] = ShardedObject("rng_state", _rng_state(), (world_size,), (rank,), replica_id=0)
+        state["rng"] = ShardedObject("rng_state", _rng_state(), (world_size,), (rank,),
+                                     replica_id=0)
     return state
 
 
@@ -145,9 +146,8 @@ def check_compatible(saved: dict, cfg: TrainingConfig, where: Path) -> None:
     """A checkpoint only loads into a model of the same shape."""
     for key in SHAPE_KEYS:
         if key in saved and saved[key] != getattr(cfg, key):
-            raise ConfigError(
-                f"{key}: {getattr(cfg, key)!r} differs from {saved[key]!r} in the checkpoint {where}"
-            )
+            raise ConfigError(f"{key}: {getattr(cfg, key)!r} differs from {saved[key]!r} in the "
+                              f"checkpoint {where}")
 
 
 def _fill_empty_distributed_optimizer_state(optimizer) -> None:

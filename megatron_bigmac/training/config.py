@@ -84,7 +84,9 @@ class TrainingConfig:
     moe_router_dtype: Optional[str] = field(default="fp32", metadata=_choices(None, "fp32", "fp64"))
     """Precision of the router's softmax and aux loss (project default fp32, for bf16 runs)."""
     moe_z_loss_coeff: Optional[float] = None
-    moe_structure: str = field(default="bigmac", metadata=_choices("bigmac", "fine_grained", "vanilla"))
+    moe_structure: str = field(
+        default="bigmac", metadata=_choices("bigmac", "fine_grained", "vanilla")
+    )
     """Project key: the MoE structure (see megatron_bigmac.config)."""
     moe_low_rank_ratio: float = 0.25
     """Project key: r. BigMac's latent width and Fine-Grained's expert width are r * hidden_size."""
@@ -363,33 +365,40 @@ def validate(cfg: TrainingConfig, world_size: int, cuda: bool) -> None:
 
     # Model shape.
     if cfg.hidden_size % cfg.num_attention_heads:
-        _fail("num_attention_heads", f"{cfg.num_attention_heads} does not divide hidden_size={cfg.hidden_size}")
+        _fail("num_attention_heads",
+              f"{cfg.num_attention_heads} does not divide hidden_size={cfg.hidden_size}")
     if cfg.max_position_embeddings is None:
         cfg.max_position_embeddings = cfg.seq_length
     if cfg.max_position_embeddings < cfg.seq_length:
-        _fail("max_position_embeddings", f"{cfg.max_position_embeddings} < seq_length={cfg.seq_length}")
+        _fail("max_position_embeddings",
+              f"{cfg.max_position_embeddings} < seq_length={cfg.seq_length}")
 
     # Parallel layout (the same arithmetic as parallel_state.initialize_model_parallel).
-    tp, pp, ep = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.expert_model_parallel_size
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    ep = cfg.expert_model_parallel_size
     etp = cfg.expert_tensor_parallel_size or tp
     if world_size % (tp * pp):
         _fail("tensor_model_parallel_size",
               f"TP={tp} x PP={pp} does not divide the {world_size} processes")
     if cfg.num_attention_heads % tp:
-        _fail("tensor_model_parallel_size", f"{tp} does not divide num_attention_heads={cfg.num_attention_heads}")
+        _fail("tensor_model_parallel_size",
+              f"{tp} does not divide num_attention_heads={cfg.num_attention_heads}")
     if world_size % (etp * ep * pp):
         _fail("expert_model_parallel_size",
               f"EP={ep} x expert TP={etp} x PP={pp} does not divide the {world_size} processes")
     if cfg.num_experts % ep:
         _fail("expert_model_parallel_size", f"{ep} does not divide num_experts={cfg.num_experts}")
     if pp > 1:
-        _fail("pipeline_model_parallel_size", "pipeline parallelism is not supported by this runner yet; use 1")
+        _fail("pipeline_model_parallel_size",
+              "pipeline parallelism is not supported by this runner yet; use 1")
     if cfg.sequence_parallel and tp == 1:
         _fail("sequence_parallel", "needs tensor_model_parallel_size > 1")
     if tp > 1 and ep > 1 and not cfg.sequence_parallel:
-        _fail("sequence_parallel", "megatron-core MoE with TP > 1 and EP > 1 needs sequence_parallel: true")
+        _fail("sequence_parallel",
+              "megatron-core MoE with TP > 1 and EP > 1 needs sequence_parallel: true")
     if cfg.num_layers % pp:
-        _fail("num_layers", f"{cfg.num_layers} is not divisible by pipeline_model_parallel_size={pp}")
+        _fail("num_layers",
+              f"{cfg.num_layers} is not divisible by pipeline_model_parallel_size={pp}")
     cfg._world_size = world_size
     dp = cfg.data_parallel_size
     if cfg.global_batch_size % (cfg.micro_batch_size * dp):
@@ -401,7 +410,8 @@ def validate(cfg: TrainingConfig, world_size: int, cuda: bool) -> None:
     if cfg.distributed_backend == "nccl" and not cuda:
         _fail("distributed_backend", "nccl needs GPUs; use gloo or auto on CPU")
     if cfg.bf16 and not cuda:
-        _fail("bf16", "needs a GPU (megatron-core's mixed-precision optimizer is CUDA-only); use bf16: false on CPU")
+        _fail("bf16", "needs a GPU (megatron-core's mixed-precision optimizer is CUDA-only); "
+                      "use bf16: false on CPU")
     if cfg.use_distributed_optimizer is None:
         cfg.use_distributed_optimizer = cuda and dp > 1
     if cfg.use_distributed_optimizer and not cuda:
@@ -423,17 +433,20 @@ def validate(cfg: TrainingConfig, world_size: int, cuda: bool) -> None:
     if cfg.lr_decay_iters < 1:
         _fail("lr_decay_iters", f"must be >= 1, got {cfg.lr_decay_iters}")
     if cfg.lr_warmup_iters >= cfg.lr_decay_iters:
-        _fail("lr_warmup_iters", f"{cfg.lr_warmup_iters} must be smaller than lr_decay_iters={cfg.lr_decay_iters}")
+        _fail("lr_warmup_iters",
+              f"{cfg.lr_warmup_iters} must be smaller than lr_decay_iters={cfg.lr_decay_iters}")
 
     # Data.
     if cfg.mock_data and (cfg.data_path or cfg.train_data_path):
         _fail("mock_data", "set either mock_data or data paths, not both")
     if cfg.data_path and (cfg.train_data_path or cfg.valid_data_path):
-        _fail("data_path", "set either data_path (+ split) or train_data_path/valid_data_path, not both")
+        _fail("data_path",
+              "set either data_path (+ split) or train_data_path/valid_data_path, not both")
     if not (cfg.mock_data or cfg.data_path or cfg.train_data_path):
         _fail("data_path", "no training data: set data_path, train_data_path or mock_data: true")
     if cfg.train_data_path and not cfg.valid_data_path and cfg.eval_iters > 0:
-        _fail("valid_data_path", "needed for evaluation with train_data_path (or set eval_iters: 0)")
+        _fail("valid_data_path",
+              "needed for evaluation with train_data_path (or set eval_iters: 0)")
     if cfg.data_path:
         try:
             weights = [float(w) for w in cfg.split.replace("/", ",").split(",")]

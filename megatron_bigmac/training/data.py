@@ -92,8 +92,9 @@ def build_datasets(cfg: TrainingConfig) -> Tuple[GPTDataset, Optional[GPTDataset
     if cfg.data_path:
         blend, split = ([resolve_prefix(p, cfg) for p in cfg.data_path], None), cfg.split
     elif cfg.train_data_path:
-        valid = ([resolve_prefix(p, cfg) for p in cfg.valid_data_path], None) if cfg.valid_data_path else None
-        blend_per_split = [([resolve_prefix(p, cfg) for p in cfg.train_data_path], None), valid, None]
+        train = [resolve_prefix(p, cfg) for p in cfg.train_data_path]
+        valid = [resolve_prefix(p, cfg) for p in cfg.valid_data_path]
+        blend_per_split = [(train, None), (valid, None) if valid else None, None]
     config = GPTDatasetConfig(
         random_seed=cfg.seed,
         sequence_length=cfg.seq_length,
@@ -127,11 +128,13 @@ class PretrainingSampler:
         self.dp_rank, self.dp_size = dp_rank, dp_size
 
     def __len__(self) -> int:
-        return (self.total_samples - self.consumed_samples) // (self.micro_batch_size * self.dp_size)
+        remaining = self.total_samples - self.consumed_samples
+        return remaining // (self.micro_batch_size * self.dp_size)
 
     def __iter__(self) -> Iterator[List[int]]:
         step = self.micro_batch_size * self.dp_size
-        mine = slice(self.dp_rank * self.micro_batch_size, (self.dp_rank + 1) * self.micro_batch_size)
+        mbs = self.micro_batch_size
+        mine = slice(self.dp_rank * mbs, (self.dp_rank + 1) * mbs)
         for start in range(self.consumed_samples, self.total_samples - step + 1, step):
             yield list(range(start, start + step))[mine]
 
@@ -139,7 +142,8 @@ class PretrainingSampler:
 def batches(dataset, cfg: TrainingConfig, dp_rank: int, dp_size: int,
             consumed_samples: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
     """Micro-batches of this DP rank (dicts of [micro, seq] tensors) from ``consumed_samples``."""
-    sampler = PretrainingSampler(len(dataset), consumed_samples, cfg.micro_batch_size, dp_rank, dp_size)
+    sampler = PretrainingSampler(len(dataset), consumed_samples, cfg.micro_batch_size, dp_rank,
+                                 dp_size)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -55,7 +55,9 @@ def init_distributed(cfg: TrainingConfig) -> ParallelContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
-    backend = cfg.distributed_backend if cfg.distributed_backend != "auto" else ("nccl" if cuda else "gloo")
+    backend = cfg.distributed_backend
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
