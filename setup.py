@@ -15,9 +15,13 @@ setup(
         "megatron-core==0.16.1",
         "numpy",
         "pyyaml",
+        # dist_checkpointing's async writer needs psutil; without it megatron-core 0.16 hangs on save.
+        "psutil",
+        # GPT-2 BPE for the trainer and data preparation (HF `tokenizers` is the checked fallback).
+        "tiktoken",
     ],
     extras_require={
-        "data": ["datasets", "tiktoken", "tokenizers"],
+        "data": ["datasets", "tokenizers"],
         "report": ["matplotlib"],
         "test": ["pytest"],
     },

@@ -4,7 +4,6 @@ TE-free path never materialises the [b, heads, s, s] score matrix."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention

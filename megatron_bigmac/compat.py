@@ -59,6 +59,7 @@ def apply() -> None:
     if cpu_only():
         _cpu_current_device()
         _cpu_cuda_device_requests()
+        _cpu_cuda_synchronize()
         _cpu_dispatcher_streams()
         _cpu_rng_tracker()
     _applied = True
@@ -194,12 +195,20 @@ class _CudaRequestsOnCpu(TorchFunctionMode):
 
 def _cpu_cuda_device_requests() -> None:
     """0.16.x hard-codes CUDA outside the MoE layer too: `device='cuda'` tensors and `.cuda()`
-    in the optimizer, grad scaler, grad clipping, DDP buffers and dist_checkpointing exchange, and
+    in the pipeline schedules (the token count), optimizer, grad scaler, grad clipping, DDP
+    buffers and dist_checkpointing exchange, and
     `param.type() == 'torch.cuda.FloatTensor'` checks in the optimizer and clip_grads. On a host
     with no CUDA, "cuda" can only mean "the accelerator we run on", i.e. the CPU: a torch-function
     mode (this process's main thread) places such requests on the CPU and reports CPU float
     tensors under their CUDA type names. Nothing changes where CUDA exists."""
     _CudaRequestsOnCpu().__enter__()
+
+
+def _cpu_cuda_synchronize() -> None:
+    """0.16.x: dist_checkpointing's `filesystem_async.preload_tensors` calls
+    `torch.cuda.synchronize()` after copying tensors to host. With no device there is nothing to
+    wait for."""
+    torch.cuda.synchronize = lambda device=None: None
 
 
 class _NullStream:

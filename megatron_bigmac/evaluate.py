@@ -106,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_bigmac.training.checkpoint import find_checkpoint, load_model_weights
     from megatron_bigmac.training.config import ConfigError, from_dict, parse_overrides, validate
     from megatron_bigmac.training.distributed import (
-        cpu_device_fallback, destroy_distributed, init_distributed, set_seed,
+        destroy_distributed, init_distributed, set_seed,
     )
     from megatron_bigmac.training.metrics import quiet_known_warnings
     from megatron_bigmac.training.model import Float16Module, build_gpt
@@ -146,37 +146,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     try:
-        with cpu_device_fallback():
-            ctx = init_distributed(cfg)
-            set_seed(cfg.seed)
-            model = build_gpt(cfg, ctx.pg_collection, meta=True).to(ctx.device)
-            if cfg.bf16:
-                model = Float16Module(model.config, model)
-            load_model_weights(model, where)
-            model.eval()
+        ctx = init_distributed(cfg)
+        set_seed(cfg.seed)
+        model = build_gpt(cfg, ctx.pg_collection, meta=True).to(ctx.device)
+        if cfg.bf16:
+            model = Float16Module(model.config, model)
+        load_model_weights(model, where)
+        model.eval()
 
-            tokenizer = build_tokenizer(cfg.tokenizer_dir)
-            tokens = read_tokens(args.data, cfg, tokenizer)
-            if args.max_tokens:
-                tokens = tokens[: args.max_tokens]
-            rows = windows(tokens, seq_length, stride)
-            # Every rank runs the same number of forward passes (MoE dispatch is collective):
-            # rank r takes rows r, r + DP, ...; missing rows are padding with an empty mask.
-            mbs = cfg.micro_batch_size
-            per_rank = math.ceil(len(rows) / (ctx.dp_size * mbs)) * mbs
-            padding = (rows[0][0], rows[0][1], np.zeros(seq_length, np.float32))
-            mine = [rows[i] if i < len(rows) else padding
-                    for i in range(ctx.dp_rank, per_rank * ctx.dp_size, ctx.dp_size)]
-            sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-            positions = torch.arange(seq_length, device=ctx.device).unsqueeze(0)
-            with torch.no_grad():
-                for b in range(0, len(mine), mbs):
-                    inputs, labels, mask = (torch.from_numpy(np.stack(c)).to(ctx.device)
-                                            for c in zip(*mine[b : b + mbs]))
-                    losses = model(inputs, positions.expand_as(inputs), None, labels=labels)
-                    sums += torch.stack([(losses.float() * mask).sum(), mask.sum()]).double()
-            dist.all_reduce(sums, group=ctx.pg_collection.dp)
-            nll, scored = (sums[0] / sums[1]).item(), int(sums[1].item())
+        tokenizer = build_tokenizer(cfg.tokenizer_dir)
+        tokens = read_tokens(args.data, cfg, tokenizer)
+        if args.max_tokens:
+            tokens = tokens[: args.max_tokens]
+        rows = windows(tokens, seq_length, stride)
+        # Every rank runs the same number of forward passes (MoE dispatch is collective):
+        # rank r takes rows r, r + DP, ...; missing rows are padding with an empty mask.
+        mbs = cfg.micro_batch_size
+        per_rank = math.ceil(len(rows) / (ctx.dp_size * mbs)) * mbs
+        padding = (rows[0][0], rows[0][1], np.zeros(seq_length, np.float32))
+        mine = [rows[i] if i < len(rows) else padding
+                for i in range(ctx.dp_rank, per_rank * ctx.dp_size, ctx.dp_size)]
+        sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        positions = torch.arange(seq_length, device=ctx.device).unsqueeze(0)
+        with torch.no_grad():
+            for b in range(0, len(mine), mbs):
+                inputs, labels, mask = (torch.from_numpy(np.stack(c)).to(ctx.device)
+                                        for c in zip(*mine[b : b + mbs]))
+                losses = model(inputs, positions.expand_as(inputs), None, labels=labels)
+                sums += torch.stack([(losses.float() * mask).sum(), mask.sum()]).double()
+        dist.all_reduce(sums, group=ctx.pg_collection.dp)
+        nll, scored = (sums[0] / sums[1]).item(), int(sums[1].item())
     finally:
         destroy_distributed()
 

@@ -31,11 +31,12 @@ def get_moe_module_spec(
     megatron-core's dispatch/experts/combine; Fine-Grained and Vanilla are megatron-core's
     MoELayer with grouped experts (they differ only in widths, set by the config).
 
-    pg_collection: the process groups to use; None takes megatron-core's global parallel_state
-    (megatron-core 0.16's TransformerLayer hands groups only to MoELayer itself, so pass them
-    here for BigMac)."""
+    pg_collection: the process groups; None takes megatron-core's global parallel_state. megatron-core
+    0.16's TransformerLayer hands groups to MoELayer itself but recognises layers by identity, so
+    only BigMacMoELayer receives them through the spec's params (a plain MoELayer would get them
+    twice)."""
     layer = BigMacMoELayer if structure == "bigmac" else MoELayer
-    params = {} if pg_collection is None else {"pg_collection": pg_collection}
+    params = {} if pg_collection is None or layer is MoELayer else {"pg_collection": pg_collection}
     return ModuleSpec(module=layer, params=params, submodules=MoESubmodules(experts=GroupedExperts))
 
 

@@ -53,12 +53,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    from megatron_bigmac.training.distributed import cpu_device_fallback, destroy_distributed
+    from megatron_bigmac.training.distributed import destroy_distributed
     from megatron_bigmac.training.trainer import Trainer
 
     try:
-        with cpu_device_fallback():
-            Trainer(cfg).train()
+        Trainer(cfg).train()
     finally:
         destroy_distributed()
     return 0

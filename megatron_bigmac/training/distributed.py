@@ -4,7 +4,6 @@ take one."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -134,57 +133,3 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-# -------------------------------------------------------------------------------------------
-# CPU only: megatron-core 0.16.1 allocates small bookkeeping tensors with device="cuda"
-# -------------------------------------------------------------------------------------------
-
-
-class _CudaToCpu(torch.overrides.TorchFunctionMode):
-    """Rewrites ``device="cuda"`` (and ``.cuda()``) to the CPU for every torch call inside it.
-
-    megatron-core 0.16.1 hard-codes CUDA for scalars it keeps on the side, e.g.
-    ``pipeline_parallel/schedules.py`` (``total_num_tokens = torch.zeros(..., device="cuda")`` in
-    every schedule) and ``optimizer/clip_grads.py`` (the grad-norm and zero-count buffers). On a
-    host without CUDA these raise "Torch not compiled with CUDA enabled". Belongs in
-    megatron_bigmac/compat.py with the other CPU shims; kept here, active only around the
-    runner's CPU calls, until it moves.
-    """
-
-    @staticmethod
-    def _is_cuda(device) -> bool:
-        if isinstance(device, torch.device):
-            return device.type == "cuda"
-        return isinstance(device, str) and device.startswith("cuda")
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if self._is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        if func is torch.Tensor.to and args and len(args) > 1 and self._is_cuda(args[1]):
-            args = (args[0], "cpu") + tuple(args[2:])
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def cpu_device_fallback():
-    """A context in which megatron-core's hard-coded CUDA calls work on a CPU-only host; a no-op
-    when CUDA is available.
-
-    Besides the allocations above, ``dist_checkpointing/strategies/filesystem_async.py``
-    (``preload_tensors``) calls ``torch.cuda.synchronize()`` after copying tensors to host; with
-    no device there is nothing to wait for, so it becomes a no-op inside this context.
-    """
-    if torch.cuda.is_available():
-        yield
-        return
-    synchronize = torch.cuda.synchronize
-    torch.cuda.synchronize = lambda device=None: None
-    try:
-        with _CudaToCpu():
-            yield
-    finally:
-        torch.cuda.synchronize = synchronize

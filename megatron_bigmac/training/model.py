@@ -71,10 +71,7 @@ def build_gpt(cfg: TrainingConfig, pg_collection: ProcessGroupCollection | None 
         max_sequence_length=cfg.max_position_embeddings,
         attention=cfg.attention,
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
-        # Not passed on yet: megatron_bigmac.specs puts pg_collection into the MoE spec's params
-        # and megatron-core's TransformerLayer passes it again to a plain MoELayer ("multiple
-        # values for keyword argument"). None means the same groups, from parallel_state.
-        pg_collection=None,
+        pg_collection=pg_collection,
     )
 
 
