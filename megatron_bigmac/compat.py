@@ -56,6 +56,7 @@ def apply() -> None:
     _all_to_all_int_splits()
     _gloo_uneven_all_gather()
     _quiet_unknown_mlp_warning()
+    _distributed_optimizer_step_per_param()
     if cpu_only():
         _cpu_current_device()
         _cpu_cuda_device_requests()
@@ -148,6 +149,35 @@ def _quiet_unknown_mlp_warning() -> None:
     logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
         _DropUnknownMoELayerWarning()
     )
+
+
+def _distributed_optimizer_step_per_param() -> None:
+    """0.16.x without transformer-engine/apex (torch Adam keeps a per-parameter `step`):
+    `DistributedOptimizer.load_state_dict` puts ONE shared `step` tensor, taken from the saved
+    param groups, into every parameter's state, and then `load_parameter_state_from_*` copies the
+    load template's per-parameter state over it, so the step restored is the template's (1, from
+    the dummy step that builds it) instead of the saved iteration count; torch's foreach Adam then
+    also increments that one tensor once per parameter. Measured on 2 gloo ranks: a resumed run
+    matched the uninterrupted one at the first step and drifted from the second. Restore the
+    saved count, one tensor per parameter."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return  # fused Adam keeps `step` in the param groups, which load correctly
+    load_state_dict = distrib_optimizer.DistributedOptimizer.load_state_dict
+
+    def load_state_dict_with_saved_steps(self, state_dict):
+        load_state_dict(self, state_dict)
+        steps = {g["step"] for g in state_dict["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) != 1:
+            return
+        saved = float(steps.pop())
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = torch.tensor(saved, dtype=torch.float32,
+                                             device=state["step"].device)
+
+    distrib_optimizer.DistributedOptimizer.load_state_dict = load_state_dict_with_saved_steps
 
 
 # --------------------------------------------------------------------------------------------

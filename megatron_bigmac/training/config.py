@@ -414,8 +414,6 @@ def validate(cfg: TrainingConfig, world_size: int, cuda: bool) -> None:
                       "use bf16: false on CPU")
     if cfg.use_distributed_optimizer is None:
         cfg.use_distributed_optimizer = cuda and dp > 1
-    if cfg.use_distributed_optimizer and not cuda:
-        _fail("use_distributed_optimizer", "needs GPUs; use false on CPU")
     if cfg.use_cpu_initialization is None:
         cfg.use_cpu_initialization = not cuda
     if not cuda and not cfg.use_cpu_initialization:
