@@ -127,8 +127,11 @@ def bigmac_builder(gpt_builder: Callable, config_from_args: Optional[Callable] =
             config, normalization=args.normalization, pg_collection=pg_collection
         )
         user_spec = args.spec
-        if user_spec is None:  # a --spec of the user's own wins
-            args.spec = [__name__, "LAYER_SPEC"]
+        if user_spec is not None:
+            # The user's layers would be built while the run claims a BigMac/Fine-Grained/Vanilla
+            # structure (and its expert widths): refuse rather than train something else.
+            raise ValueError("--moe-structure does not combine with --spec: drop one of them")
+        args.spec = [__name__, "LAYER_SPEC"]
         try:
             return gpt_builder(args, pre_process, post_process, vp_stage, config=config,
                                pg_collection=pg_collection)

@@ -170,7 +170,7 @@ if [ "${rdzv[0]}" != --standalone ]; then
         wait_s=${RDZV_WAIT:-300}
         start=$SECONDS; reached=0
         while [ $(( SECONDS - start )) -lt "$wait_s" ]; do
-            if timeout 2 bash -c "exec 3<>/dev/tcp/$RDZV_HOST/$rdzv_port" 2>/dev/null; then reached=1; break; fi
+            if timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$RDZV_HOST" "$rdzv_port" 2>/dev/null; then reached=1; break; fi
             sleep 1
         done
         [ "$reached" = 1 ] || die "cannot reach the rendezvous host $RDZV_HOST:$rdzv_port from $(hostname -s) within ${wait_s}s (is node 0 up? firewall? RDZV_HOST/RDZV_PORT/NCCL_SOCKET_IFNAME)" 3

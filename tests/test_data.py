@@ -136,6 +136,18 @@ def test_round_trip_with_validation_split(tmp_path, capsys, tok):
     ]
 
 
+def test_a_file_named_twice_is_read_once_so_validation_never_leaks(tmp_path, capsys, tok):
+    docs = [{"text": f"document number {i}"} for i in range(6)]
+    src = write_jsonl(tmp_path / "a.jsonl", docs)
+    prefix = tmp_path / "dup"
+    code, err = run(capsys, "--dataset", src, str(tmp_path / "*.jsonl"), "--output-prefix", prefix,
+                    "--split-validation", 2)
+    assert code == 0, err
+    valid, train = read_docs(f"{prefix}_valid_text_document"), read_docs(f"{prefix}_train_text_document")
+    assert len(valid) == 2 and len(train) == 4
+    assert not set(map(tuple, valid)) & set(map(tuple, train))
+
+
 def test_gpt_dataset_reads_output(tmp_path, capsys, tok):
     prefix = tmp_path / "v"
     assert run(capsys, "--dataset", SAMPLE_VALID, "--output-prefix", prefix, "--workers", 0)[0] == 0

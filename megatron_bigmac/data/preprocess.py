@@ -120,6 +120,12 @@ def resolve_source(datasets: Sequence[str]) -> Source:
             what = "no files match" if _GLOB_CHARS & set(pattern) else "no such file:"
             raise PreprocessError(f"{what} {pattern!r}")
         files.extend(matches)
+    # A file named twice (or matched by two globs) would be read twice, and with
+    # --split-validation its first documents would land in both splits: read each file once.
+    unique: dict = {}
+    for f in files:
+        unique.setdefault(os.path.realpath(f), f)
+    files = list(unique.values())
 
     formats = {_local_format(f) for f in files}
     if None in formats:
@@ -411,10 +417,16 @@ class IndexedDatasetWriter:
     def commit(self) -> None:
         for split, builder in self._builders.items():
             builder.finalize(self._tmp[split][1])
+        # A dataset is valid when its .idx exists: remove every old .idx first and write the new
+        # ones last, so a crash in between never pairs a new .bin with an old .idx, nor a new
+        # split with an old one.
+        for prefix in self.prefixes.values():
+            if os.path.exists(prefix + ".idx"):
+                os.remove(prefix + ".idx")
         for split, prefix in self.prefixes.items():
-            tmp_bin, tmp_idx = self._tmp[split]
-            os.replace(tmp_bin, prefix + ".bin")
-            os.replace(tmp_idx, prefix + ".idx")
+            os.replace(self._tmp[split][0], prefix + ".bin")
+        for split, prefix in self.prefixes.items():
+            os.replace(self._tmp[split][1], prefix + ".idx")
         self._builders = {}
 
     def abort(self) -> None:
