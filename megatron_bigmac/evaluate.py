@@ -124,7 +124,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "expert_tensor_parallel_size": None, "sequence_parallel": False, "mock_data": True,
               "data_path": [], "train_data_path": [], "valid_data_path": [], "save": None,
               "load": None, "save_interval": None, "use_distributed_optimizer": None,
-              "use_cpu_initialization": None, "eval_iters": 0}
+              "use_cpu_initialization": None, "eval_iters": 0,
+              # The vocabulary was padded for the TRAINING tensor-parallel size; keep that padding
+              # (the embedding's shape) although this run uses TP=1.
+              "make_vocab_size_divisible_by": saved.get("make_vocab_size_divisible_by", 128)
+              * saved.get("tensor_model_parallel_size", 1)}
     cuda = torch.cuda.is_available()
     if not cuda:
         values["bf16"] = False

@@ -139,6 +139,27 @@ def test_resume_with_the_distributed_optimizer_repeats_the_uninterrupted_run(cac
     assert losses == {s: reference[s] for s in range(7, 13)}
 
 
+def _build_from_two_prefixes(rank, world, cache):
+    from megatron_bigmac.training.data import build_datasets, prepare_samples
+
+    os.environ["MEGATRON_BIGMAC_CACHE"] = str(cache)
+    twice = "train_data_path=[sample:enwiki-2015-sample-train, sample:enwiki-2015-sample-train]"
+    cfg = load(TINY / "bigmac.yaml", twice, "train_iters=3000", "expert_model_parallel_size=1",
+               world_size=1)
+    prepare_samples(cfg)
+    train, valid = build_datasets(cfg)
+    assert len(train) >= 3000 * cfg.global_batch_size, len(train)
+    assert len(valid) >= cfg.eval_iters * cfg.global_batch_size
+
+
+def test_several_prefixes_give_every_sample_a_long_run_reads(cache):
+    """megatron-core concatenates unweighted prefixes for one epoch only; a run reading more
+    (here the same sample twice, 3000 x 16 samples) must still get all of them."""
+    from distributed import run_distributed
+
+    run_distributed(_build_from_two_prefixes, 1, cache)
+
+
 def test_evaluate_cli_gives_perplexity_on_wikitext(cache, bigmac_run):
     out, _, evals, _ = bigmac_run
     env = dict(os.environ, MEGATRON_BIGMAC_CACHE=str(cache), CUDA_VISIBLE_DEVICES="")

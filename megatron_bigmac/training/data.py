@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_bigmac.data import build_tokenizer
@@ -90,11 +91,11 @@ def build_datasets(cfg: TrainingConfig) -> Tuple[GPTDataset, Optional[GPTDataset
     tokenizer = build_tokenizer(cfg.tokenizer_dir)
     blend = blend_per_split = split = None
     if cfg.data_path:
-        blend, split = ([resolve_prefix(p, cfg) for p in cfg.data_path], None), cfg.split
+        blend, split = _blend([resolve_prefix(p, cfg) for p in cfg.data_path]), cfg.split
     elif cfg.train_data_path:
         train = [resolve_prefix(p, cfg) for p in cfg.train_data_path]
         valid = [resolve_prefix(p, cfg) for p in cfg.valid_data_path]
-        blend_per_split = [(train, None), (valid, None) if valid else None, None]
+        blend_per_split = [_blend(train), _blend(valid) if valid else None, None]
     config = GPTDatasetConfig(
         random_seed=cfg.seed,
         sequence_length=cfg.seq_length,
@@ -113,7 +114,24 @@ def build_datasets(cfg: TrainingConfig) -> Tuple[GPTDataset, Optional[GPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(
         dataset_class, sizes, lambda: True, config
     ).build()
+    for name, dataset, needed in (("train", train, sizes[0]), ("valid", valid, sizes[1])):
+        if needed and len(dataset) < needed:
+            raise ValueError(f"{name} data: {len(dataset)} samples built, the run reads {needed}")
     return train, (valid if cfg.eval_iters > 0 else None)
+
+
+def _blend(prefixes: List[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """megatron-core's (prefixes, weights). Without weights it concatenates several prefixes for
+    ONE epoch only, fewer samples than a long run reads (its StopIteration would come hours in);
+    weights by token count keep the concatenation's proportions and let it build more epochs."""
+    if len(prefixes) == 1:
+        return prefixes, None
+    return prefixes, [_token_count(p) for p in prefixes]
+
+
+def _token_count(prefix: str) -> float:
+    dataset = IndexedDataset(prefix)  # keep it (and its mmap) alive while numpy reads the lengths
+    return float(dataset.sequence_lengths.sum())
 
 
 class PretrainingSampler:

@@ -118,15 +118,19 @@ class Trainer:
                 self.log_train(loss_sums, grad_norm, elapsed, interval_steps)
                 loss_sums.zero_()
                 interval_start, interval_steps = time.perf_counter(), 0
+            # Evaluation and saving are not training: shift the interval's start past them (a
+            # reset would divide part of the interval's time by all of its steps).
             if last or self.iteration % cfg.eval_interval == 0:
+                paused = time.perf_counter()
                 val_loss = self.evaluate()
-                interval_start = time.perf_counter()
+                interval_start += time.perf_counter() - paused
             stop = self.exit_signal is not None and self.exit_signal.agreed()
             periodic = cfg.save_interval and self.iteration % cfg.save_interval == 0
             if cfg.save and (last or periodic or stop):
+                paused = time.perf_counter()
                 save_checkpoint(cfg, self.iteration, self.consumed_samples, self.model,
                                 self.optimizer, self.scheduler)
-                interval_start = time.perf_counter()
+                interval_start += time.perf_counter() - paused
             if stop:
                 if self.ctx.is_main:
                     print(f"[{self.iteration}/{cfg.train_iters}] exit signal: stopped"
