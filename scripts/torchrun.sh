@@ -30,7 +30,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
 PYTHON=${PYTHON:-python3}
 
-die() { echo "torchrun.sh: error: $*" >&2; exit "${2:-2}"; }
+die() { echo "torchrun.sh: error: $1" >&2; exit "${2:-2}"; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
 dry_run=0
