@@ -28,6 +28,11 @@ SUPPORTED_MCORE = ("0.16.",)
 
 _applied = False
 
+#: How megatron-core 0.16 announces at import that transformer-engine / apex are absent (their
+#: starts, as `warnings` filters and PYTHONWARNINGS match them). Both are optional here.
+OPTIONAL_ACCELERATOR_WARNINGS = ("Transformer Engine and Apex are not installed",
+                                 "Apex is not installed")
+
 
 def mcore_version() -> str:
     return importlib.metadata.version("megatron-core")
@@ -75,9 +80,8 @@ def _quiet_optional_accelerator_warnings() -> None:
     """0.16.x warns at import, module by module, that transformer-engine and apex are absent and
     it falls back to torch. For this project that is the designed path (both are optional
     accelerators), so those eight lines are noise in every command's output."""
-    warnings.filterwarnings(
-        "ignore", message=r".*(Transformer Engine|Apex).* not installed.*", category=UserWarning
-    )
+    for message in OPTIONAL_ACCELERATOR_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
 def _bind_te_general_gemm() -> None:

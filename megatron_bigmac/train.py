@@ -16,13 +16,14 @@ from typing import Optional, Sequence
 
 
 #: Import-time warnings of megatron-core about optional accelerators this project does not use.
-QUIET_WARNINGS = ("Transformer Engine and Apex are not installed", "Apex is not installed")
 
 
 def quiet_spawned_processes() -> None:
     """megatron-core's checkpoint writer spawns fresh interpreters that re-import it: keep their
     import-time warnings off the console (PYTHONWARNINGS matches the start of the message)."""
-    filters = [f"ignore:{m}" for m in QUIET_WARNINGS]
+    from megatron_bigmac.compat import OPTIONAL_ACCELERATOR_WARNINGS
+
+    filters = [f"ignore:{m}" for m in OPTIONAL_ACCELERATOR_WARNINGS]
     existing = os.environ.get("PYTHONWARNINGS")
     os.environ["PYTHONWARNINGS"] = ",".join(([existing] if existing else []) + filters)
 

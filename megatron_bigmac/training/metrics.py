@@ -29,9 +29,7 @@ NOISY_WARNINGS = (
     "`load_state_dict` is deprecated",
     "Please use DTensor instead",
     ".*all_gather_into_tensor.* is deprecated",
-    "Transformer Engine and Apex are not installed",
-    "Apex is not installed",
-)
+)  # transformer-engine/apex absence: compat.OPTIONAL_ACCELERATOR_WARNINGS
 
 
 def quiet_known_warnings() -> None:
