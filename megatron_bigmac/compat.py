@@ -62,6 +62,7 @@ def apply() -> None:
     _gloo_uneven_all_gather()
     _quiet_unknown_mlp_warning()
     _distributed_optimizer_step_per_param()
+    _foreach_multi_tensor_ops()
     if cpu_only():
         _cpu_current_device()
         _cpu_cuda_device_requests()
@@ -182,6 +183,44 @@ def _distributed_optimizer_step_per_param() -> None:
                                              device=state["step"].device)
 
     distrib_optimizer.DistributedOptimizer.load_state_dict = load_state_dict_with_saved_steps
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """amp_C.multi_tensor_l2norm's contract (a [1] fp32 tensor, None) with torch's foreach
+    kernels: the norm stays on the device, no host round trip."""
+    tensors = [t for tensors in tensor_lists for t in tensors]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32, device=torch.cuda.current_device()), None
+    norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
+    return torch.linalg.vector_norm(norms).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """amp_C.multi_tensor_scale's contract (dst = src * scale, dtypes may differ) in a few
+    foreach launches instead of two kernels per tensor."""
+    sources, destinations = tensor_lists[0], tensor_lists[1]
+    if not sources:
+        return
+    if scale != 1.0:
+        sources = torch._foreach_mul(sources, scale)
+    torch._foreach_copy_(destinations, sources)
+
+
+def _foreach_multi_tensor_ops() -> None:
+    """0.16.x without transformer-engine/apex falls back to `local_multi_tensor_l2_norm`, which
+    builds `torch.tensor([...])` from one device scalar per gradient: a host-device sync per
+    parameter (hundreds per step in gradient clipping), then a `float()` of the total; and to
+    `local_multi_tensor_scale`, two kernels per tensor for clipping and for copying fp32 main
+    weights into the bf16 model after every step. Replace both, where they are the fallbacks,
+    by torch's foreach kernels (same results; tests/test_moe_core.py checks them)."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+    for module in (clip_grads, optimizer):
+        if getattr(module, "multi_tensor_scale_impl", None) is utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = _foreach_scale
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,30 +13,32 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_bigmac.attention import SDPAttention
 from megatron_bigmac.config import BigMacConfig
-from megatron_bigmac.moe import BigMacMoELayer, GroupedExperts
+from megatron_bigmac.loss import vocab_parallel_cross_entropy
+from megatron_bigmac.moe import BigMacMoELayer, GroupedExperts, GroupedMoELayer
 
 
 def get_moe_module_spec(
     structure: str, pg_collection: Optional[ProcessGroupCollection] = None
 ) -> ModuleSpec:
     """The MoE layer of one structure: BigMac adds the descend/ascend projections around
-    megatron-core's dispatch/experts/combine; Fine-Grained and Vanilla are megatron-core's
-    MoELayer with grouped experts (they differ only in widths, set by the config).
+    megatron-core's dispatch/experts/combine; Fine-Grained and Vanilla are GroupedMoELayer
+    (megatron-core's MoELayer with grouped experts and the project's All-to-All dispatcher; they
+    differ only in widths, set by the config).
 
-    pg_collection: the process groups; None takes megatron-core's global parallel_state. megatron-core
-    0.16's TransformerLayer hands groups to MoELayer itself but recognises layers by identity, so
-    only BigMacMoELayer receives them through the spec's params (a plain MoELayer would get them
-    twice)."""
-    layer = BigMacMoELayer if structure == "bigmac" else MoELayer
-    params = {} if pg_collection is None or layer is MoELayer else {"pg_collection": pg_collection}
+    pg_collection: the process groups; None takes megatron-core's global parallel_state.
+    megatron-core 0.16's TransformerLayer hands groups only to layers it recognises by identity
+    (MoELayer itself), so these subclasses receive them through the spec's params."""
+    layer = BigMacMoELayer if structure == "bigmac" else GroupedMoELayer
+    params = {} if pg_collection is None else {"pg_collection": pg_collection}
     return ModuleSpec(module=layer, params=params, submodules=MoESubmodules(experts=GroupedExperts))
 
 
@@ -71,6 +73,20 @@ def get_moe_gpt_layer_spec(
     return dataclasses.replace(spec, submodules=submodules)
 
 
+class BigMacGPTModel(GPTModel):
+    """megatron-core's GPTModel whose language-model loss is megatron_bigmac.loss's vocab-parallel
+    cross entropy (the same maths as megatron-core's unfused one, without fp32 copies of the
+    logits). With ``cross_entropy_loss_fusion`` megatron-core's fused implementations are used."""
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
+        if self.config.cross_entropy_loss_fusion:
+            return super().compute_language_model_loss(labels, logits)
+        # [b, s] labels against [s, b, V/TP] logits; per-token losses back as [b, s].
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(),
+                                            self.pg_collection.tp)
+        return loss.transpose(0, 1).contiguous()
+
+
 def build_gpt_model(
     config: BigMacConfig,
     vocab_size: int,
@@ -83,7 +99,7 @@ def build_gpt_model(
     as GPT-2/3 and the paper's parameter counts)."""
     gpt_kwargs.setdefault("position_embedding_type", "learned_absolute")
     gpt_kwargs.setdefault("share_embeddings_and_output_weights", True)
-    return GPTModel(
+    return BigMacGPTModel(
         config=config,
         transformer_layer_spec=get_moe_gpt_layer_spec(
             config, attention=attention, pg_collection=pg_collection

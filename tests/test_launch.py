@@ -399,7 +399,7 @@ print("built", type(model.config).__name__, model.config.moe_structure,
 
 
 @pytest.mark.parametrize("structure,layer,ffn", [("bigmac", "BigMacMoELayer", 64),
-                                                  ("fine_grained", "MoELayer", 16)])
+                                                  ("fine_grained", "GroupedMoELayer", 16)])
 def test_megatron_lm_arguments_build_and_run_the_model(megatron_lm_copy, tmp_path, structure,
                                                        layer, ffn):
     """Megatron-LM's own parse_args/validate_args/core_transformer_config_from_args/gpt_builder

@@ -164,3 +164,27 @@ def compare_sdpa_with_local_attention(rank, world):
 
 def test_sdpa_attention_matches_megatron_local_attention():
     run_distributed(compare_sdpa_with_local_attention, 1)
+
+
+def test_foreach_grad_norm_and_scale_replace_megatron_fallbacks():
+    """compat's foreach versions of megatron-core's no-apex fallbacks (one host sync per
+    gradient in the norm) are installed and give the fallbacks' results."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    from megatron_bigmac import compat
+
+    assert clip_grads.l2_norm_impl is compat._foreach_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is compat._foreach_scale
+    assert optimizer.multi_tensor_scale_impl is compat._foreach_scale
+    grads = [torch.randn(5), torch.randn(3, 4), torch.randn(7, 2)]
+    norm, _ = compat._foreach_l2_norm(0, None, [grads], False)
+    expected, _ = utils.local_multi_tensor_l2_norm(0, None, [grads], False)
+    torch.testing.assert_close(norm, expected)
+    sources = [torch.randn(4), torch.randn(2, 3)]
+    got = [torch.zeros(4, dtype=torch.bfloat16), torch.zeros(2, 3)]
+    want = [torch.zeros(4, dtype=torch.bfloat16), torch.zeros(2, 3)]
+    compat._foreach_scale(0, None, [sources, got], 0.37)
+    utils.local_multi_tensor_scale(0, None, [sources, want], 0.37)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -1,6 +1,14 @@
-"""MoE layers: BigMac's low-dimension layer and the grouped experts shared by all structures."""
+"""MoE layers: BigMac's low-dimension layer, the grouped experts shared by all structures, and
+the All-to-All token dispatcher they use."""
 
+from megatron_bigmac.moe.dispatcher import GatherAlltoAllTokenDispatcher
 from megatron_bigmac.moe.experts import GroupedExperts
-from megatron_bigmac.moe.layer import BigMacMoELayer, LatentProjection
+from megatron_bigmac.moe.layer import BigMacMoELayer, GroupedMoELayer, LatentProjection
 
-__all__ = ["BigMacMoELayer", "GroupedExperts", "LatentProjection"]
+__all__ = [
+    "BigMacMoELayer",
+    "GatherAlltoAllTokenDispatcher",
+    "GroupedExperts",
+    "GroupedMoELayer",
+    "LatentProjection",
+]

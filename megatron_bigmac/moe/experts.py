@@ -175,11 +175,17 @@ class GroupedExperts(MegatronModule):
             )
             permuted_probs = torch.ones_like(permuted_probs)
         w1 = self.weight1.flatten(1, 2)  # [experts, G * f_local, d]
-        hidden = grouped_linear(permuted_tokens, w1, counts)
-        # Gate weights p_i(x) scale each expert's output; applied before the (linear, bias-free)
-        # second matrix as megatron-core does, which is the same product.
-        hidden = (self.activation(hidden) * permuted_probs.unsqueeze(-1)).to(hidden.dtype)
-        return grouped_linear(hidden, self.weight2, counts), None
+        hidden = self.activation(grouped_linear(permuted_tokens, w1, counts))
+        # Gate weights p_i(x) scale each expert's output. The second matrix is linear and
+        # bias-free, so they may scale its input (megatron-core's choice) or its output: scale
+        # the narrower of the two, f_local wide (Fine-Grained) or d = r*h wide (BigMac, 4x fewer
+        # elements), in fp32 like the router's probabilities.
+        probs = permuted_probs.unsqueeze(-1)
+        if self.ffn_size_per_partition <= self.token_width:
+            hidden = (hidden * probs).to(hidden.dtype)
+            return grouped_linear(hidden, self.weight2, counts), None
+        output = grouped_linear(hidden, self.weight2, counts)
+        return (output * probs).to(output.dtype), None
 
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

@@ -14,7 +14,8 @@ This is the shape of megatron-core's own `moe_latent_size` path (`fc1_latent_pro
 in 0.16 exists only with transformer-engine linears and experts. The projections here are plain
 replicated linears; under sequence parallelism each TP rank projects its own sequence shard, so
 their gradients are all-reduced over TP like the router's (`sequence_parallel` attribute).
-Fine-Grained and Vanilla use megatron-core's MoELayer unchanged, with GroupedExperts.
+Fine-Grained and Vanilla are GroupedMoELayer: megatron-core's MoELayer with GroupedExperts and,
+for the All-to-All dispatcher, GatherAlltoAllTokenDispatcher (sync-free permutation).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_bigmac.config import BigMacConfig
+from megatron_bigmac.moe.dispatcher import GatherAlltoAllTokenDispatcher
 
 
 class LatentProjection(MegatronModule):
@@ -54,7 +57,31 @@ class LatentProjection(MegatronModule):
         return F.linear(x, self.weight), None
 
 
-class BigMacMoELayer(MoELayer):
+class GroupedMoELayer(MoELayer):
+    """megatron-core's MoELayer; with ``moe_token_dispatcher_type: alltoall`` its dispatcher is
+    GatherAlltoAllTokenDispatcher (same interface and results, no host syncs or atomics in the
+    permutation). Fine-Grained and Vanilla layers are this class."""
+
+    def __init__(
+        self,
+        config: BigMacConfig,
+        submodules: Optional[MoESubmodules] = None,
+        layer_number: Optional[int] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        super().__init__(config, submodules, layer_number, pg_collection)
+        if config.moe_token_dispatcher_type == "alltoall":
+            self.token_dispatcher = GatherAlltoAllTokenDispatcher(
+                self.num_local_experts,
+                self.local_expert_indices,
+                config=self.config,
+                pg_collection=pg_collection,
+            )
+
+
+class BigMacMoELayer(GroupedMoELayer):
     """MoELayer whose dispatch, experts and combine run at width r*h (see module docstring)."""
 
     def __init__(

@@ -64,6 +64,12 @@ class TrainingConfig:
     """Project key: core attention through torch SDPA (fused kernels) or megatron-core's local
     (unfused) reference."""
 
+    bias_dropout_fusion: bool = False
+    """Fuse bias + dropout + residual add (megatron-core's jit_fuser, torch.compile)."""
+    cross_entropy_loss_fusion: bool = False
+    """megatron-core's fused cross entropy ('native': torch.compile, 'te': transformer-engine)."""
+    cross_entropy_fusion_impl: str = field(default="native", metadata=_choices("native", "te"))
+
     # ---------------------------------------------------------------- MoE
     num_experts: int = 8
     moe_router_topk: int = 2
@@ -188,6 +194,12 @@ class TrainingConfig:
     """Default <log_dir>/tensorboard, used only when tensorboard is importable."""
     peak_tflops: Optional[float] = None
     """Per-GPU dense peak used for MFU; default 989 (H100/H200 bf16) with bf16 on a GPU."""
+    profile: bool = False
+    """Trace iterations profile_step_start .. profile_step_end - 1 with torch.profiler: a Chrome
+    trace and a kernel-time table per profiled rank under <log_dir>/profile/."""
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: List[int] = field(default_factory=lambda: [0])
 
     # ---------------------------------------------------------------- derived (not keys)
     def __post_init__(self):
@@ -297,9 +309,12 @@ def _coerce(key: str, value: Any, annotation) -> Any:
         annotation = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (list, List):
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-            _fail(key, f"expected a list of strings, got {value!r}")
+        item = args[0] if args else str
+        items = [value] if isinstance(value, item) and not isinstance(value, bool) else value
+        if not isinstance(items, list) or not all(
+            isinstance(v, item) and not isinstance(v, bool) for v in items
+        ):
+            _fail(key, f"expected a list of {'strings' if item is str else 'integers'}, got {value!r}")
         return list(items)
     kind = annotation
     if kind is bool:
@@ -471,6 +486,9 @@ def validate(cfg: TrainingConfig, world_size: int, cuda: bool) -> None:
             # megatron-core 0.16.1's checkpoint writer processes call psutil outside their error
             # handling: without it dist_checkpointing.save waits forever.
             _fail("save", "megatron-core's checkpoint writer needs psutil: pip install psutil")
+    if cfg.profile and not 0 <= cfg.profile_step_start < cfg.profile_step_end:
+        _fail("profile_step_end", f"must be > profile_step_start >= 0, got "
+              f"{cfg.profile_step_start}..{cfg.profile_step_end}")
     if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
         _fail("peak_tflops", f"must be > 0, got {cfg.peak_tflops}")
 

@@ -183,6 +183,48 @@ class MetricsLogger:
             self._tb.close()
 
 
+class StepProfiler:
+    """torch.profiler over the iterations ``start`` .. ``end - 1`` (counted as completed
+    iterations before the step, like Megatron-LM's --profile-step-start/end), on this rank only
+    if it is one of ``ranks``. Writes ``<out_dir>/rank<R>.trace.json`` (chrome://tracing,
+    Perfetto) and ``<out_dir>/rank<R>_kernels.txt``: operators and kernels by device time."""
+
+    def __init__(self, out_dir: str, start: int, end: int, rank: int, ranks, cuda: bool):
+        self.out_dir, self.start, self.end, self.rank = Path(out_dir), start, end, rank
+        self.enabled = rank in ranks
+        self.cuda = cuda
+        self._profiler = None
+
+    def step_begin(self, iteration: int) -> None:
+        if self.enabled and iteration == self.start and self._profiler is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            self._profiler = profile(activities=activities, record_shapes=True)
+            self._profiler.__enter__()
+
+    def step_end(self, iteration: int) -> None:
+        """``iteration``: completed iterations after the step."""
+        if self._profiler is None or iteration < self.end:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._profiler.__exit__(None, None, None)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        trace = self.out_dir / f"rank{self.rank}.trace.json"
+        self._profiler.export_chrome_trace(str(trace))
+        sort_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        table = self._profiler.key_averages().table(sort_by=sort_by, row_limit=40,
+                                                    max_name_column_width=70)
+        steps = self.end - self.start
+        (self.out_dir / f"rank{self.rank}_kernels.txt").write_text(
+            f"iterations {self.start}..{self.end - 1} ({steps} steps), sorted by {sort_by}\n"
+            + table)
+        print(f"profile of {steps} iterations: {trace}\n{table}", flush=True)
+        self._profiler = None
+        self.enabled = False
+
+
 def reduce_loss_sums(sums: torch.Tensor, group) -> tuple[float, int]:
     """(mean loss, tokens) from a [loss sum, token count] tensor, summed over ``group``."""
     sums = sums.clone()

@@ -36,6 +36,7 @@ from megatron_bigmac.training.distributed import ExitSignal, init_distributed, s
 from megatron_bigmac.training.metrics import (
     H100_BF16_PEAK_TFLOPS,
     MetricsLogger,
+    StepProfiler,
     StepTimers,
     format_config,
     memory_gib,
@@ -91,6 +92,10 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.log_dir, cfg.train_iters, self.ctx.is_main,
                                      cfg.tensorboard_dir)
         self.exit_signal = ExitSignal() if cfg.exit_signal_handler else None
+        self.profiler = StepProfiler(
+            f"{cfg.log_dir}/profile", cfg.profile_step_start, cfg.profile_step_end,
+            self.ctx.rank, cfg.profile_ranks, self.ctx.device.type == "cuda",
+        ) if cfg.profile else None
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Optional[float]:
@@ -107,8 +112,12 @@ class Trainer:
             last = self.iteration + 1 == cfg.train_iters
             log_now = last or (self.iteration + 1) % cfg.log_interval == 0
             self.timers.arm(log_now)  # time fwd/bwd/optimizer only on logging steps (it syncs)
+            if self.profiler:
+                self.profiler.step_begin(self.iteration)
             step_loss, grad_norm = self.train_step(batches)
             self.iteration += 1
+            if self.profiler:
+                self.profiler.step_end(self.iteration)
             self.consumed_samples += cfg.global_batch_size
             loss_sums += step_loss
             interval_steps += 1
