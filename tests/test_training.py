@@ -160,6 +160,64 @@ def test_several_prefixes_give_every_sample_a_long_run_reads(cache):
     run_distributed(_build_from_two_prefixes, 1, cache)
 
 
+def _record_aux_losses(rank, world_size, cache, out, results):
+    """A tiny run in-process (2 micro-batches per step, 2 steps per log), recording every
+    load-balancing loss megatron-core's router hands its tracker."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MEGATRON_BIGMAC_CACHE=str(cache))
+    from megatron_bigmac import compat
+
+    compat.apply()
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe import router
+
+    from megatron_bigmac.training.trainer import Trainer
+
+    calls = []
+    track = router.save_to_aux_losses_tracker
+
+    def recording(name, loss, layer_number, num_layers, *args, **kwargs):
+        calls.append((name, loss.item(), layer_number))
+        track(name, loss, layer_number, num_layers, *args, **kwargs)
+
+    router.save_to_aux_losses_tracker = recording
+    cfg = load(TINY / "bigmac.yaml", "global_batch_size=32", "train_iters=4", "log_interval=2",
+               "lr_warmup_iters=1", "eval_iters=0", f"log_dir={out}", world_size=world_size)
+    assert cfg.num_microbatches == 2 and cfg.data_parallel_size == 2
+    Trainer(cfg).train()
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, calls)
+    parallel_state.destroy_model_parallel()
+    if rank == 0:
+        results["calls"] = gathered
+
+
+def test_logged_aux_loss_is_megatron_cores_tracked_mean(cache, tmp_path):
+    """What Megatron-LM's training_log reports through track_moe_metrics: per iteration, each
+    layer's loss summed over micro-batches and averaged over data-parallel ranks, summed over
+    layers / num_layers / num_microbatches; then averaged over the iterations since the last log.
+    With TP=1 that is the plain mean of every recorded loss of the interval, over both ranks."""
+    import torch.multiprocessing as mp
+    from distributed import run_distributed
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        run_distributed(_record_aux_losses, 2, cache, tmp_path, results)
+        calls = results["calls"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["aux_loss"] for r in records if r["kind"] == "train"}
+    per_interval = 2 * 2 * 2  # iterations x micro-batches x layers, per rank
+    for rank_calls in calls:
+        assert len(rank_calls) == 2 * per_interval
+        assert {name for name, _, _ in rank_calls} == {"load_balancing_loss"}
+        assert sorted({layer for _, _, layer in rank_calls}) == [1, 2]
+    for interval, step in enumerate((2, 4)):
+        losses = [loss for rank_calls in calls
+                  for _, loss, _ in rank_calls[interval * per_interval:(interval + 1) * per_interval]]
+        assert logged[step] == pytest.approx(sum(losses) / len(losses), rel=1e-6), step
+
+
 def test_evaluate_cli_gives_perplexity_on_wikitext(cache, bigmac_run):
     out, _, evals, _ = bigmac_run
     env = dict(os.environ, MEGATRON_BIGMAC_CACHE=str(cache), CUDA_VISIBLE_DEVICES="")

@@ -12,6 +12,9 @@ tracker file is replaced atomically after that: a crash mid-save leaves a ``.tmp
 nothing loads, never a half checkpoint under a valid name. Model and optimizer tensors are stored
 as global tensors, so a checkpoint loads under another TP/EP layout (RNG states, which are per
 rank, are then left as seeded).
+
+Resuming continues the saved run: its model shape, LR schedule, optimizer hyperparameters and data
+order must match the config (``check_compatible``), which is checked before anything is built.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_bigmac.training.config import ConfigError, TrainingConfig
@@ -40,6 +43,24 @@ SHAPE_KEYS = (
     "moe_structure", "moe_low_rank_ratio", "moe_ffn_hidden_size", "moe_expert_activation",
     "normalization", "add_bias_linear", "untie_embeddings_and_output_weights",
     "max_position_embeddings", "make_vocab_size_divisible_by",
+)
+
+#: Keys that fix how a resumed run continues: its data order (megatron-core's sample index comes
+#: from seq_length, seed and split; consumed samples advance by global batches) and its
+#: optimization, which resuming restores from the checkpoint whatever the config says (the LR and
+#: weight-decay schedule through use_checkpoint_opt_param_scheduler, Adam's betas and eps through
+#: the optimizer's param groups). A checkpoint only resumes with the same values.
+SCHEDULE_KEYS = (
+    "seq_length", "global_batch_size", "seed", "split", "optimizer", "lr", "min_lr",
+    "lr_decay_style", "lr_warmup_iters", "lr_warmup_init", "lr_decay_iters", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_eps", "sgd_momentum",
+)
+
+#: Keys a resumed run may change on purpose, with effect (train_iters grows to extend a run, data
+#: files move): a change is reported, not refused.
+CHANGEABLE_KEYS = (
+    "train_iters", "data_path", "train_data_path", "mock_data", "clip_grad", "hidden_dropout",
+    "attention_dropout", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_expert_capacity_factor",
 )
 
 
@@ -87,6 +108,37 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _parallel_layout() -> dict:
+    """The sizes that decide which part of the model and which RNG streams a rank holds
+    (megatron-core orders the ranks the same way for the same sizes)."""
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+        "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _saved_layout(common: dict) -> dict:
+    """The checkpoint's parallel layout. Checkpoints from before it was saved get it from their
+    config and world size, the sizes megatron-core was built from (so their RNG states still
+    restore under the same layout, and only then)."""
+    if "parallel_layout" in common:
+        return common["parallel_layout"]
+    config, world_size = common["config"], common["world_size"]
+    tp, pp = config["tensor_model_parallel_size"], config["pipeline_model_parallel_size"]
+    return {
+        "world_size": world_size,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "expert_model_parallel_size": config["expert_model_parallel_size"],
+        "expert_tensor_parallel_size": config["expert_tensor_parallel_size"] or tp,
+        "data_parallel_size": world_size // (tp * pp),
+    }
+
+
 def _sharded_state(model, optimizer, rank: int, world_size: int, is_loading: bool,
                    with_optimizer: bool = True, with_rng: bool = True) -> dict:
     """The sharded state dict of this rank. Model/optimizer tensors carry their global shape and
@@ -118,13 +170,17 @@ def save_checkpoint(cfg: TrainingConfig, iteration: int, consumed_samples: int, 
         os.makedirs(tmp)
     dist.barrier()
 
-    state = _sharded_state(model, optimizer, rank, world_size, is_loading=False)
+    # Saved before the first step (a signal during startup), the optimizer holds no state yet and
+    # megatron-core cannot build its state dict; a fresh optimizer is the same one.
+    state = _sharded_state(model, optimizer, rank, world_size, is_loading=False,
+                           with_optimizer=iteration > 0)
     # Plain values are "common": rank 0 writes them once.
     state.update(
         iteration=iteration,
         consumed_samples=consumed_samples,
         scheduler=scheduler.state_dict(),
         world_size=world_size,
+        parallel_layout=_parallel_layout(),
         config=cfg.to_dict(),
     )
     dist_checkpointing.save(state, str(tmp))
@@ -142,12 +198,20 @@ def save_checkpoint(cfg: TrainingConfig, iteration: int, consumed_samples: int, 
     return final
 
 
-def check_compatible(saved: dict, cfg: TrainingConfig, where: Path) -> None:
-    """A checkpoint only loads into a model of the same shape."""
-    for key in SHAPE_KEYS:
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise ConfigError(f"{key}: {getattr(cfg, key)!r} differs from {saved[key]!r} in the "
-                              f"checkpoint {where}")
+def check_compatible(saved: dict, cfg: TrainingConfig, where: Path) -> List[str]:
+    """A checkpoint only loads into a model of the same shape (SHAPE_KEYS) and resumes only its
+    own run (SCHEDULE_KEYS): ConfigError naming every differing key, ``key: saved -> config``.
+    Returns the CHANGEABLE_KEYS that differ, in the same form."""
+    def changed(keys):
+        return [f"{key}: {saved[key]!r} -> {getattr(cfg, key)!r}" for key in keys
+                if key in saved and saved[key] != getattr(cfg, key)]
+
+    refused = changed(SHAPE_KEYS + SCHEDULE_KEYS)
+    if refused:
+        raise ConfigError(f"{', '.join(refused)}: cannot resume from {where}, which keeps the "
+                          f"saved model shape, LR schedule, optimizer and data order; set these "
+                          f"keys to the checkpoint's values")
+    return changed(CHANGEABLE_KEYS)
 
 
 def _fill_empty_distributed_optimizer_state(optimizer) -> None:
@@ -163,32 +227,57 @@ def _fill_empty_distributed_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
-def load_checkpoint(cfg: TrainingConfig, model, optimizer, scheduler) -> Tuple[int, int]:
-    """Restore from ``cfg.load``; returns (iteration, consumed_samples), (0, 0) when there is
-    nothing to load yet (a fresh run whose ``load`` is its own empty ``save``)."""
-    where = find_checkpoint(cfg.load) if cfg.load else None
+def checkpoint_to_resume(cfg: TrainingConfig) -> Optional[Tuple[Path, dict]]:
+    """The checkpoint ``cfg.load`` names and its common state (iteration, config, ...), checked
+    against ``cfg`` (``check_compatible``); None when there is nothing to load yet (a fresh run
+    whose ``load`` is its own empty ``save``). Reads files only: the trainer calls it before
+    building anything, so a mismatch stops the run at once."""
+    if not cfg.load:
+        return None
+    where = find_checkpoint(cfg.load)
     if where is None:
-        if cfg.load and not Path(cfg.load).exists():
+        # A fresh run's ``load`` may be its own ``save``, created later.
+        own_save = cfg.save is not None and Path(cfg.save) == Path(cfg.load)
+        if not own_save and not Path(cfg.load).exists():
             raise FileNotFoundError(f"load: {cfg.load} does not exist")
-        return 0, 0
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+        return None
     common = dist_checkpointing.load_common_state_dict(str(where))
-    check_compatible(common["config"], cfg, where)
-    same_layout = common["world_size"] == world_size
-    _fill_empty_distributed_optimizer_state(optimizer)
+    changed = check_compatible(common["config"], cfg, where)
+    if changed and dist.get_rank() == 0:
+        print(f"[checkpoint] WARNING: resuming {where} with changed keys: {', '.join(changed)}",
+              flush=True)
+    return where, common
+
+
+def load_checkpoint(resume: Optional[Tuple[Path, dict]], model, optimizer,
+                    scheduler) -> Tuple[int, int]:
+    """Restore the checkpoint ``checkpoint_to_resume`` found; returns (iteration,
+    consumed_samples), (0, 0) when there is none."""
+    if resume is None:
+        return 0, 0
+    where, common = resume
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    saved_layout, layout = _saved_layout(common), _parallel_layout()
+    same_layout = saved_layout == layout
+    with_optimizer = common["iteration"] > 0  # see save_checkpoint
+    if with_optimizer:
+        _fill_empty_distributed_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer, rank, world_size, is_loading=True,
-                           with_rng=same_layout)
+                           with_optimizer=with_optimizer, with_rng=same_layout)
     loaded = dist_checkpointing.load(state, str(where))
 
     unwrap(model).load_state_dict(loaded["model"], strict=True)
-    with torch.no_grad():  # megatron-core 0.16.1 copies into leaf main params outside no_grad
-        optimizer.load_state_dict(loaded["optimizer"])
+    if with_optimizer:
+        with torch.no_grad():  # megatron-core 0.16.1 copies into leaf main params outside no_grad
+            optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng"])
     elif rank == 0:
-        print(f"[checkpoint] saved with {common['world_size']} processes, loading into "
-              f"{world_size}: RNG states stay as seeded", flush=True)
+        differences = ", ".join(f"{key} {saved_layout.get(key)} -> {size}"
+                                for key, size in layout.items() if saved_layout.get(key) != size)
+        print(f"[checkpoint] parallel layout differs from the checkpoint's ({differences}): "
+              f"RNG states stay as seeded", flush=True)
     if rank == 0:
         print(f"[checkpoint] resumed from {where} at iteration {common['iteration']}", flush=True)
     return common["iteration"], common["consumed_samples"]

@@ -1,8 +1,8 @@
 """The training loop, built from megatron-core pieces and meant to be read top to bottom:
 
-    Trainer(cfg)          process groups, data, seed, model (DDP), optimizer, LR schedule,
-                          resume from a checkpoint
-    .train()              evaluate; repeat train_step, log, evaluate, save
+    Trainer(cfg)          process groups, exit-signal handler, resume check, data, seed, model
+                          (DDP), optimizer, LR schedule, resume from a checkpoint
+    .train()              evaluate; repeat train_step, log, evaluate, save (a signal: save, stop)
     .train_step()         megatron-core's forward-backward schedule over the micro-batches (its
                           finalize_model_grads reduces gradients over DP/TP/EP), then the
                           optimizer step (gradient clipping inside) and the LR schedule
@@ -22,15 +22,17 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.moe.moe_utils import (
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-    reduce_aux_losses_tracker_across_ranks,
-)
+from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
 from megatron_bigmac.costs import MoEModelShape, training_flops_per_iteration
 from megatron_bigmac.training import data
-from megatron_bigmac.training.checkpoint import load_checkpoint, save_checkpoint, save_config
+from megatron_bigmac.training.checkpoint import (
+    checkpoint_to_resume,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_config,
+)
 from megatron_bigmac.training.config import TrainingConfig
 from megatron_bigmac.training.distributed import ExitSignal, init_distributed, set_seed
 from megatron_bigmac.training.metrics import (
@@ -51,6 +53,12 @@ class Trainer:
     def __init__(self, cfg: TrainingConfig):
         self.cfg = cfg
         self.ctx = init_distributed(cfg)
+        # Before the data and the model, which can take minutes to build: a signal meanwhile
+        # stops the run cleanly (train() checks it first) instead of killing it.
+        self.exit_signal = ExitSignal() if cfg.exit_signal_handler else None
+        # A checkpoint that cannot resume this config stops the run before anything is built
+        # (and before config.yaml in ``save`` is replaced).
+        resume = checkpoint_to_resume(cfg)
         if self.ctx.is_main:
             print(f"config (saved as {cfg.log_dir}/config.yaml):\n{format_config(cfg.to_dict())}",
                   flush=True)
@@ -82,8 +90,9 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
 
         self.iteration, self.consumed_samples = load_checkpoint(
-            cfg, self.model, self.optimizer, self.scheduler
+            resume, self.model, self.optimizer, self.scheduler
         )
+        self.resumed_from = resume[0] if resume else None
         shape = MoEModelShape.from_config(config, cfg.seq_length, padded_vocab_size(cfg))
         self.flops_per_iteration = training_flops_per_iteration(shape, cfg.global_batch_size)
         self.peak_tflops = cfg.peak_tflops or (
@@ -91,7 +100,6 @@ class Trainer:
         )
         self.metrics = MetricsLogger(cfg.log_dir, cfg.train_iters, self.ctx.is_main,
                                      cfg.tensorboard_dir)
-        self.exit_signal = ExitSignal() if cfg.exit_signal_handler else None
         self.profiler = StepProfiler(
             f"{cfg.log_dir}/profile", cfg.profile_step_start, cfg.profile_step_end,
             self.ctx.rank, cfg.profile_ranks, self.ctx.device.type == "cuda",
@@ -101,6 +109,15 @@ class Trainer:
     def train(self) -> Optional[float]:
         """Train to ``train_iters``; returns the last validation loss (None without evaluation)."""
         cfg = self.cfg
+        if self._exit_agreed():
+            # Signalled during startup: stop before the first step, with a checkpoint to resume
+            # from unless the latest one in ``save`` is the one this run started from.
+            if cfg.save and (self.resumed_from is None
+                             or find_checkpoint(cfg.save) != self.resumed_from):
+                self.save()
+            self._report_exit()
+            self.metrics.close()
+            return None
         batches = data.batches(self.train_data, cfg, self.ctx.dp_rank, self.ctx.dp_size,
                                self.consumed_samples)
         val_loss = self.evaluate() if self.iteration == 0 else None
@@ -133,20 +150,31 @@ class Trainer:
                 paused = time.perf_counter()
                 val_loss = self.evaluate()
                 interval_start += time.perf_counter() - paused
-            stop = self.exit_signal is not None and self.exit_signal.agreed()
+            stop = self._exit_agreed()
             periodic = cfg.save_interval and self.iteration % cfg.save_interval == 0
             if cfg.save and (last or periodic or stop):
                 paused = time.perf_counter()
-                save_checkpoint(cfg, self.iteration, self.consumed_samples, self.model,
-                                self.optimizer, self.scheduler)
+                self.save()
                 interval_start += time.perf_counter() - paused
             if stop:
-                if self.ctx.is_main:
-                    print(f"[{self.iteration}/{cfg.train_iters}] exit signal: stopped"
-                          + (f" after saving to {cfg.save}" if cfg.save else ""), flush=True)
+                self._report_exit()
                 break
         self.metrics.close()
         return val_loss
+
+    def save(self) -> None:
+        save_checkpoint(self.cfg, self.iteration, self.consumed_samples, self.model,
+                        self.optimizer, self.scheduler)
+
+    def _exit_agreed(self) -> bool:
+        """Whether any rank received SIGUSR1/SIGTERM (collective)."""
+        return self.exit_signal is not None and self.exit_signal.agreed()
+
+    def _report_exit(self) -> None:
+        if self.ctx.is_main:
+            saved = f" with its checkpoint in {self.cfg.save}" if self.cfg.save else ""
+            print(f"[{self.iteration}/{self.cfg.train_iters}] exit signal: stopped{saved}",
+                  flush=True)
 
     def train_step(self, batches: Iterator) -> Tuple[torch.Tensor, float]:
         """One iteration over ``num_microbatches`` micro-batches; returns this rank's
@@ -254,14 +282,14 @@ class Trainer:
         self.metrics.console_train(record)
 
     def _moe_aux_losses(self, steps: int) -> Dict[str, float]:
-        """Mean per layer and per micro-batch of megatron-core's MoE loss tracker since the last
-        log (the load-balancing loss before its coefficient), reduced over ranks."""
-        tracker = get_moe_layer_wise_logging_tracker()
-        if not tracker:
-            return {}
-        reduce_aux_losses_tracker_across_ranks(pg_collection=self.ctx.pg_collection)
-        scale = 1.0 / (self.cfg.num_microbatches * steps)
-        values = {name: entry["values"].mean().item() * scale for name, entry in tracker.items()}
-        clear_aux_losses_tracker()
+        """megatron-core's MoE losses since the last log (the load-balancing loss before its
+        coefficient; z-loss when on): mean per MoE layer, micro-batch and iteration, reduced over
+        ranks (collective), through megatron-core's own track_moe_metrics."""
+        losses: Dict[str, torch.Tensor] = {}
+        # Megatron-LM calls it every iteration (a reduction each time) and divides the sums by
+        # the iterations when logging; the iterations in loss_scale give that mean in one call.
+        track_moe_metrics(loss_scale=1.0 / (self.cfg.num_microbatches * steps),
+                          iteration=self.iteration, total_loss_dict=losses,
+                          num_layers=self.cfg.num_layers, pg_collection=self.ctx.pg_collection)
         renamed = {"load_balancing_loss": "aux_loss"}
-        return {renamed.get(name, name): v for name, v in values.items()}
+        return {renamed.get(name, name): v.item() for name, v in losses.items()}
