@@ -32,6 +32,83 @@ def _short(name: str) -> str:
     return re.split(r"[<(]", name, maxsplit=1)[0][:90] or name[:90]
 
 
+MODULE_PREFIX = "module: "  # megatron_bigmac.training.metrics.ModuleRanges
+BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
+
+
+def _innermost_at(intervals, points):
+    """For each (time, key) in ``points``, the innermost of the nested ``intervals``
+    (start, end, label) containing that time (None if none); one sweep over both."""
+    intervals = sorted(intervals, key=lambda iv: (iv[0], -iv[1]))
+    found, stack, i = {}, [], 0
+    for time, key in sorted(points):
+        while i < len(intervals) and intervals[i][0] <= time:
+            while stack and stack[-1][1] < intervals[i][0]:
+                stack.pop()
+            stack.append(intervals[i])
+            i += 1
+        while stack and stack[-1][1] < time:
+            stack.pop()
+        found[key] = stack[-1][2] if stack else None
+    return found
+
+
+def module_times(events) -> dict:
+    """GPU time per module and direction ("GroupedExperts bwd"), with the runner's profile
+    (ModuleRanges): a kernel belongs to the host operator that launched it; a forward operator
+    to the innermost module range around it; a backward one (autograd's evaluate_function) to
+    the module of the forward operator with the same sequence number. Kernels outside any
+    module are labelled by their innermost host range (the optimizer step, gradient hooks)."""
+    by_tid = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation"):
+            by_tid[e["tid"]].append(e)
+    # Forward operators -> module, keyed by sequence number.
+    seq_module = {}
+    for tid, ops in by_tid.items():
+        modules = [(e["ts"], e["ts"] + e["dur"], e["name"][len(MODULE_PREFIX):])
+                   for e in ops if e["name"].startswith(MODULE_PREFIX)]
+        forward = [e for e in ops if "Sequence number" in e.get("args", {})
+                   and not e["name"].startswith(BACKWARD_PREFIX)]
+        inner = _innermost_at(modules, [(e["ts"], i) for i, e in enumerate(forward)])
+        for i, e in enumerate(forward):
+            if inner[i] is not None:
+                seq_module.setdefault(e["args"]["Sequence number"], inner[i])
+
+    def label(e):
+        name, args = e["name"], e.get("args", {})
+        if name.startswith(MODULE_PREFIX):
+            return name[len(MODULE_PREFIX):] + " fwd"
+        if name.startswith(BACKWARD_PREFIX):
+            module = seq_module.get(args.get("Sequence number"))
+            return f"{module} bwd" if module else name[len(BACKWARD_PREFIX):]
+        return name
+
+    # Each kernel's launch (correlation id; cuBLASLt and cuDNN launch through the driver API)
+    # -> the innermost labelled host range around it.
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")
+                and "correlation" in e.get("args", {})}
+    points = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "kernel":
+            launch = launches.get(e.get("args", {}).get("correlation"))
+            if launch is not None:
+                points[launch["tid"]].append((launch["ts"], id(e)))
+    times = defaultdict(float)
+    durations = {id(e): e["dur"] for e in events if e.get("cat") == "kernel"}
+    for tid, pts in points.items():
+        ranges = [(e["ts"], e["ts"] + e["dur"], label(e)) for e in by_tid[tid]
+                  if e["name"].startswith((MODULE_PREFIX, BACKWARD_PREFIX))
+                  or e.get("cat") == "user_annotation"]
+        for key, where in _innermost_at(ranges, pts).items():
+            times[where or "other"] += durations[key]
+    unattributed = sum(durations.values()) - sum(times.values())
+    if unattributed > 0:
+        times["(launched outside the trace)"] += unattributed
+    return {k: v / 1e3 for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+
+
 def summarize(path: str, top: int = 25) -> dict:
     with open(path) as f:
         events = json.load(f)["traceEvents"]
@@ -66,6 +143,7 @@ def summarize(path: str, top: int = 25) -> dict:
             {"name": name, "ms": v[0] / 1e3, "calls": v[1]}
             for name, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
         ],
+        "modules_ms": dict(list(module_times(events).items())[:top]),
     }
 
 
@@ -84,6 +162,9 @@ def main() -> None:
     busy = max(s["kernel_sum_ms"], 1e-9)
     for k in s["kernels"]:
         print(f"  {k['ms']:9.2f} ms {100 * k['ms'] / busy:5.1f}% {k['calls']:6d}x  {k['name']}")
+    print("  GPU time by module (forward / backward):")
+    for name, ms in s["modules_ms"].items():
+        print(f"  {ms:9.2f} ms {100 * ms / busy:5.1f}%  {name}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(s, f, indent=1)

@@ -8,7 +8,11 @@ config's own batch sizes and precision) for --iters iterations on mock data (ran
 corpus needed; throughput does not depend on the text), one after the other, --rounds times in
 turn. The first --skip logged intervals (warm-up, allocator growth) are dropped; the JSON keeps
 every interval, the table the median. ``--set key=value`` (repeatable) overrides a key in every
-run, e.g. ``--set micro_batch_size=32``.
+run, e.g. ``--set micro_batch_size=32``; ``CONFIG@key=value,key=value`` overrides keys in one
+run only, for variants of one config side by side:
+
+    python benchmarks/train_mfu.py --out x.json configs/small/bigmac.yaml \
+        configs/small/bigmac.yaml@layernorm_fusion=false,moe_activation_fusion=false
 
 MFU is the runner's: model FLOPs of costs.training_flops_per_iteration (Megatron-LM's formula:
 matmuls only, backward = 2 x forward, no recomputation) over the step time and the 989 TFLOP/s
@@ -74,9 +78,11 @@ def main() -> None:
     results = {name: [] for name in args.configs}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
-            for config in args.configs:
-                records = run_one(config, args.iters, args.log_interval, overrides, Path(tmp))
-                results[config] += records[args.skip:]
+            for entry in args.configs:
+                config, _, own = entry.partition("@")
+                run_overrides = overrides + [kv for kv in own.split(",") if kv]
+                records = run_one(config, args.iters, args.log_interval, run_overrides, Path(tmp))
+                results[entry] += records[args.skip:]
 
     import torch
 
@@ -92,12 +98,13 @@ def main() -> None:
 
     print(f"\n{report['device']}: median of {args.rounds} x {args.iters} iterations "
           f"(first {args.skip} intervals dropped)")
-    print(f"{'config':<36}{'s/step':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'GiB':>7}")
+    width = max(36, *(len(c) + 2 for c in report["configs"]))
+    print(f"{'config':<{width}}{'s/step':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'GiB':>7}")
     for config, entry in report["configs"].items():
         s = entry["summary"]
         mfu = f"{100 * s['mfu']:.1f}%" if "mfu" in s else "-"
         tflops = f"{s['tflops_per_gpu']:.1f}" if "tflops_per_gpu" in s else "-"
-        print(f"{config:<36}{s['step_time_s']:>9.3f}{s['tokens_per_s']:>12,.0f}{tflops:>9}"
+        print(f"{config:<{width}}{s['step_time_s']:>9.3f}{s['tokens_per_s']:>12,.0f}{tflops:>9}"
               f"{mfu:>7}{s['mem_allocated_gib']:>7.1f}")
 
 

@@ -177,10 +177,13 @@ def _distributed_optimizer_step_per_param() -> None:
         if len(steps) != 1:
             return
         saved = float(steps.pop())
-        for state in self.optimizer.state.values():
+        fused = self.optimizer.defaults.get("fused")
+        for param, state in self.optimizer.state.items():
             if torch.is_tensor(state.get("step")):
-                state["step"] = torch.tensor(saved, dtype=torch.float32,
-                                             device=state["step"].device)
+                # torch's fused Adam keeps the count on the parameter's device, foreach's on
+                # the host (training/optimizer.py switches to fused).
+                device = param.device if fused else state["step"].device
+                state["step"] = torch.tensor(saved, dtype=torch.float32, device=device)
 
     distrib_optimizer.DistributedOptimizer.load_state_dict = load_state_dict_with_saved_steps
 

@@ -50,6 +50,15 @@ class BigMacConfig(TransformerConfig):
     ReLU"), "squared_relu", or "swiglu" (gated; doubles the experts' first matrix). The paper does
     not say which one it trained with."""
 
+    layernorm_fusion: bool = False
+    """Compute the layer norms (LayerNorm or RMSNorm) with compiled kernels on GPUs
+    (megatron_bigmac.norm.FusedNorm) instead of PyTorch's eager ones; for the path without
+    transformer-engine or apex, whose fused norms megatron-core otherwise uses."""
+
+    moe_activation_fusion: bool = False
+    """Compute the experts' activation, gate weighting and casts as one compiled kernel each way
+    on GPUs (GroupedExperts) instead of a pass over the expert rows per operation."""
+
     def __post_init__(self):
         self._validate_moe_structure()
         super().__post_init__()

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.utils import VocabUtility
 
+from megatron_bigmac.kernels import compiled
+
 
 def _max_logit(logits: torch.Tensor) -> torch.Tensor:
     return logits.amax(dim=-1).float()
@@ -45,18 +47,6 @@ def _logits_grad(logits, log_normalizer, target, vocab_start: int, grad_loss):
     return ((softmax - one_hot) * grad_loss.unsqueeze(-1)).to(logits.dtype)
 
 
-_compiled = {}
-
-
-def _kernel(fn):
-    """torch.compile'd on GPUs (one fused kernel per function), eager elsewhere."""
-    if not torch.cuda.is_available():
-        return fn
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=False)
-    return _compiled[fn]
-
-
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, tp_group):
@@ -64,10 +54,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(
             logits.size(-1), rank, world
         )
-        logits_max = _kernel(_max_logit)(logits)
+        logits_max = compiled(_max_logit)(logits)
         if world > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=tp_group)
-        sum_exp, target_logit = _kernel(_sum_exp_and_target)(logits, logits_max, target,
+        sum_exp, target_logit = compiled(_sum_exp_and_target)(logits, logits_max, target,
                                                              vocab_start)
         if world > 1:
             both = torch.stack([sum_exp, target_logit])
@@ -81,7 +71,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, log_normalizer, target = ctx.saved_tensors
-        grad = _kernel(_logits_grad)(logits, log_normalizer, target, ctx.vocab_start,
+        grad = compiled(_logits_grad)(logits, log_normalizer, target, ctx.vocab_start,
                                      grad_loss.contiguous().float())
         return grad, None, None
 

@@ -19,11 +19,17 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    LayerNormImpl,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 from megatron_bigmac.attention import SDPAttention
 from megatron_bigmac.config import BigMacConfig
 from megatron_bigmac.loss import vocab_parallel_cross_entropy
 from megatron_bigmac.moe import BigMacMoELayer, GroupedExperts, GroupedMoELayer
+from megatron_bigmac.norm import FusedNorm
 
 
 def get_moe_module_spec(
@@ -70,7 +76,25 @@ def get_moe_gpt_layer_spec(
         self_attention=self_attention,
         mlp=get_moe_module_spec(config.moe_structure, pg_collection),
     )
+    if config.layernorm_fusion:
+        submodules = dataclasses.replace(
+            submodules, input_layernorm=FusedNorm, pre_mlp_layernorm=FusedNorm
+        )
     return dataclasses.replace(spec, submodules=submodules)
+
+
+def get_moe_gpt_block_spec(
+    config: BigMacConfig,
+    attention: str = "sdpa",
+    pg_collection: Optional[ProcessGroupCollection] = None,
+) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers (get_moe_gpt_layer_spec each) and the final norm, FusedNorm
+    with ``layernorm_fusion`` like the layers' own (megatron-core would pick its default)."""
+    layer = get_moe_gpt_layer_spec(config, attention=attention, pg_collection=pg_collection)
+    pp_rank = pg_collection.pp.rank() if pg_collection is not None else None
+    num_layers = get_num_layers_to_build(config, pp_rank=pp_rank)
+    final_norm = FusedNorm if config.layernorm_fusion else LayerNormImpl
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
 
 
 class BigMacGPTModel(GPTModel):
@@ -101,7 +125,7 @@ def build_gpt_model(
     gpt_kwargs.setdefault("share_embeddings_and_output_weights", True)
     return BigMacGPTModel(
         config=config,
-        transformer_layer_spec=get_moe_gpt_layer_spec(
+        transformer_layer_spec=get_moe_gpt_block_spec(
             config, attention=attention, pg_collection=pg_collection
         ),
         vocab_size=vocab_size,

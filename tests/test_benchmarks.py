@@ -26,3 +26,47 @@ def test_moe_speed_smallest_case_writes_json(tmp_path):
         assert row["step_ms_median"] > 0 and row["tokens_per_s"] > 0
         assert set(row["inference"]["1"]) == {"prefill_tokens_per_s", "generate_1_s", "generate_10_s"}
     assert report["ratios"]["bigmac_speedup_over_fine_grained"] > 0
+
+
+def test_trace_summary_attributes_kernels_to_modules_forward_and_backward():
+    """A hand-written trace in torch.profiler's Chrome format: a forward kernel inside
+    `module: Experts` (within `module: Layer`), its backward kernel on the autograd thread
+    (same sequence number), an optimizer kernel, and one with no host range."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "trace_summary", Path(__file__).parents[1] / "benchmarks" / "trace_summary.py")
+    trace_summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace_summary)
+
+    def op(name, ts, dur, tid, cat="cpu_op", **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid,
+                "args": args}
+
+    def kernel(correlation, dur):
+        return {"ph": "X", "cat": "kernel", "name": f"k{correlation}", "ts": 5000 + correlation,
+                "dur": dur, "tid": 7, "args": {"correlation": correlation}}
+
+    events = [
+        op("module: Layer", 0, 100, 1, "user_annotation"),
+        op("module: Experts", 10, 50, 1, "user_annotation"),
+        op("aten::mm", 20, 10, 1, **{"Sequence number": 42}),
+        op("cudaLaunchKernel", 22, 2, 1, "cuda_runtime", correlation=1),
+        op("aten::add", 70, 5, 1, **{"Sequence number": 43}),  # in Layer, not in Experts
+        op("cudaLaunchKernel", 71, 2, 1, "cuda_runtime", correlation=2),
+        op("autograd::engine::evaluate_function: MmBackward0", 200, 30, 2,
+           **{"Sequence number": 42, "Fwd thread id": 1}),
+        op("cudaLaunchKernel", 210, 2, 2, "cuda_runtime", correlation=3),
+        op("autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", 240, 10, 2),
+        op("cudaLaunchKernel", 241, 2, 2, "cuda_runtime", correlation=4),
+        op("Optimizer.step#AdamW.step", 300, 50, 1, "user_annotation"),
+        op("cudaLaunchKernel", 310, 2, 1, "cuda_runtime", correlation=5),
+        op("cudaLaunchKernel", 400, 2, 1, "cuda_runtime", correlation=6),
+        kernel(1, 1000), kernel(2, 2000), kernel(3, 3000), kernel(4, 4000), kernel(5, 5000),
+        kernel(6, 6000), kernel(7, 7000),  # 7: its launch was not traced
+    ]
+    assert trace_summary.module_times(events) == {
+        "(launched outside the trace)": 7.0, "other": 6.0, "Optimizer.step#AdamW.step": 5.0,
+        "torch::autograd::AccumulateGrad": 4.0, "Experts bwd": 3.0, "Layer fwd": 2.0,
+        "Experts fwd": 1.0,
+    }

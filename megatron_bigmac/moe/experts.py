@@ -30,6 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_bigmac.config import BigMacConfig
+from megatron_bigmac.kernels import activate_and_scale_rows, compiled, scale_rows
 
 
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -175,17 +176,20 @@ class GroupedExperts(MegatronModule):
             )
             permuted_probs = torch.ones_like(permuted_probs)
         w1 = self.weight1.flatten(1, 2)  # [experts, G * f_local, d]
-        hidden = self.activation(grouped_linear(permuted_tokens, w1, counts))
+        hidden = grouped_linear(permuted_tokens, w1, counts)
         # Gate weights p_i(x) scale each expert's output. The second matrix is linear and
         # bias-free, so they may scale its input (megatron-core's choice) or its output: scale
         # the narrower of the two, f_local wide (Fine-Grained) or d = r*h wide (BigMac, 4x fewer
         # elements), in fp32 like the router's probabilities.
-        probs = permuted_probs.unsqueeze(-1)
+        # With moe_activation_fusion each is one compiled kernel each way; symbolic sizes,
+        # since the number of rows varies from step to step under expert parallelism.
+        fused = (lambda fn: compiled(fn, dynamic=True)) if self.config.moe_activation_fusion \
+            else (lambda fn: fn)
         if self.ffn_size_per_partition <= self.token_width:
-            hidden = (hidden * probs).to(hidden.dtype)
+            hidden = fused(activate_and_scale_rows)(hidden, permuted_probs, self.activation)
             return grouped_linear(hidden, self.weight2, counts), None
-        output = grouped_linear(hidden, self.weight2, counts)
-        return (output * probs).to(output.dtype), None
+        output = grouped_linear(self.activation(hidden), self.weight2, counts)
+        return fused(scale_rows)(output, permuted_probs), None
 
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

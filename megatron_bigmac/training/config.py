@@ -64,6 +64,10 @@ class TrainingConfig:
     """Project key: core attention through torch SDPA (fused kernels) or megatron-core's local
     (unfused) reference."""
 
+    layernorm_fusion: bool = True
+    """Layer norms as compiled kernels on GPUs (project key; megatron_bigmac.norm.FusedNorm)."""
+    moe_activation_fusion: bool = True
+    """Experts' activation + gate weights as one compiled kernel each way on GPUs (project key)."""
     bias_dropout_fusion: bool = False
     """Fuse bias + dropout + residual add (megatron-core's jit_fuser, torch.compile)."""
     cross_entropy_loss_fusion: bool = False

@@ -202,6 +202,7 @@ class StepProfiler:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             self._profiler = profile(activities=activities, record_shapes=True)
             self._profiler.__enter__()
+            self._module_ranges = ModuleRanges()
 
     def step_end(self, iteration: int) -> None:
         """``iteration``: completed iterations after the step."""
@@ -209,6 +210,7 @@ class StepProfiler:
             return
         if self.cuda:
             torch.cuda.synchronize()
+        self._module_ranges.remove()
         self._profiler.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"rank{self.rank}.trace.json"
@@ -223,6 +225,36 @@ class StepProfiler:
         print(f"profile of {steps} iterations: {trace}\n{table}", flush=True)
         self._profiler = None
         self.enabled = False
+
+
+class ModuleRanges:
+    """While alive, every module's forward is a profiler range named ``module: <class>``, so a
+    trace attributes each operator to the module that ran it, and its backward too, through the
+    sequence number autograd gives both (benchmarks/trace_summary.py reads them)."""
+
+    PREFIX = "module: "
+
+    def __init__(self):
+        self._open = []
+        self._handles = [
+            torch.nn.modules.module.register_module_forward_pre_hook(self._enter),
+            torch.nn.modules.module.register_module_forward_hook(self._exit),
+        ]
+
+    def _enter(self, module, args):
+        scope = torch.autograd.profiler.record_function(self.PREFIX + type(module).__name__)
+        scope.__enter__()
+        self._open.append(scope)
+
+    def _exit(self, module, args, output):
+        if self._open:
+            self._open.pop().__exit__(None, None, None)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        while self._open:
+            self._open.pop().__exit__(None, None, None)
 
 
 def reduce_loss_sums(sums: torch.Tensor, group) -> tuple[float, int]:

@@ -27,7 +27,8 @@ _MODEL_KEYS = (
     "moe_low_rank_ratio", "moe_expert_activation", "tensor_model_parallel_size",
     "pipeline_model_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
     "sequence_parallel", "bf16", "use_cpu_initialization", "bias_dropout_fusion",
-    "cross_entropy_loss_fusion", "cross_entropy_fusion_impl",
+    "cross_entropy_loss_fusion", "cross_entropy_fusion_impl", "layernorm_fusion",
+    "moe_activation_fusion",
 )
 
 

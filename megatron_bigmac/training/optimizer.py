@@ -35,10 +35,30 @@ def build_optimizer(cfg: TrainingConfig, model_chunks: List[torch.nn.Module],
     )
     # With an explicit pg_collection megatron-core takes no gloo groups (only the
     # distributed optimizer's legacy checkpoint format needs them).
-    return get_megatron_optimizer(
+    optimizer = get_megatron_optimizer(
         config, model_chunks, use_gloo_process_groups=pg_collection is None,
         pg_collection=pg_collection,
     )
+    _use_fused_torch_adam(optimizer)
+    return optimizer
+
+
+def _use_fused_torch_adam(optimizer: MegatronOptimizer) -> None:
+    """Without transformer-engine or apex megatron-core builds torch's Adam/AdamW with its
+    default 'foreach' implementation, a few kernels per list of tensors per step; torch's
+    'fused' one updates each parameter in one kernel (same maths; the step count moves to the
+    parameter's device). Set before the first step, so no optimizer state exists yet."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam) or inner.state:
+            continue  # TE/apex FusedAdam, SGD, or (never here) an optimizer that has stepped
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if any(p.device.type not in ("cuda", "cpu") or p.dtype != torch.float32 for p in params):
+            continue
+        inner.defaults.update(fused=True, foreach=False)
+        for group in inner.param_groups:
+            group.update(fused=True, foreach=False)
+        inner._step_supports_amp_scaling = True
 
 
 def build_scheduler(cfg: TrainingConfig, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
