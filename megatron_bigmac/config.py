@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 STRUCTURES = ("bigmac", "fine_grained", "vanilla")
 EXPERT_ACTIVATIONS = ("gelu", "relu", "squared_relu", "swiglu")
 DISPATCHERS = ("alltoall", "allgather", "flex")
+LATENT_INITS = ("variance_preserving", "megatron")
 
 
 def _fail(field: str, message: str) -> None:
@@ -49,6 +50,15 @@ class BigMacConfig(TransformerConfig):
     """Expert activation: "gelu" (default, Megatron's), "relu" (the paper's figure says "like
     ReLU"), "squared_relu", or "swiglu" (gated; doubles the experts' first matrix). The paper does
     not say which one it trained with."""
+
+    moe_latent_init: str = "variance_preserving"
+    """How BigMac's shared projections start (the paper leaves it open). "variance_preserving":
+    W_down ~ N(0, 1/h) and W_up ~ N(0, 1/(r*h)), so each keeps its input's scale and the BigMac
+    layer starts as large as the Fine-Grained one, its experts getting gradients as large.
+    "megatron": megatron-core's latent MoE choice, W_down with ``init_method`` and W_up with
+    ``output_layer_init_method`` (N(0, 0.02) and N(0, 0.02/sqrt(2L))); it makes the layer ~35x
+    smaller at the start and its expert gradients ~40x smaller (measured, configs/small), which
+    Adam's eps (1e-8) partly swallows: BigMac trained much slower with it (docs/reports)."""
 
     layernorm_fusion: bool = False
     """Compute the layer norms (LayerNorm or RMSNorm) with compiled kernels on GPUs
@@ -85,6 +95,9 @@ class BigMacConfig(TransformerConfig):
                 "moe_expert_activation",
                 f"{self.moe_expert_activation!r} is not one of {', '.join(EXPERT_ACTIVATIONS)}",
             )
+        if self.moe_latent_init not in LATENT_INITS:
+            _fail("moe_latent_init",
+                  f"{self.moe_latent_init!r} is not one of {', '.join(LATENT_INITS)}")
         if self.num_moe_experts is None or self.num_moe_experts < 1:
             _fail("num_moe_experts", f"must be an integer >= 1, got {self.num_moe_experts}")
         if not 1 <= self.moe_router_topk <= self.num_moe_experts:

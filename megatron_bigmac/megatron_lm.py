@@ -30,7 +30,7 @@ import argparse
 import sys
 from typing import Callable, Optional
 
-from megatron_bigmac.config import EXPERT_ACTIVATIONS, STRUCTURES
+from megatron_bigmac.config import EXPERT_ACTIVATIONS, LATENT_INITS, STRUCTURES
 
 #: The layer spec of the model being built; Megatron-LM's ``--spec`` names it while it builds.
 LAYER_SPEC = None
@@ -60,6 +60,12 @@ def add_bigmac_args(
     group.add_argument(
         "--moe-expert-activation", choices=EXPERT_ACTIVATIONS, default="gelu",
         help="Activation inside the experts of --moe-structure. Default gelu.",
+    )
+    group.add_argument(
+        "--moe-latent-init", choices=LATENT_INITS, default="variance_preserving",
+        help="How BigMac's shared W_down/W_up start: variance_preserving (N(0, 1/h), "
+             "N(0, 1/(r*h)); default) or megatron (init_method, output_layer_init_method, as "
+             "megatron-core's latent MoE; trains much slower, see BigMacConfig).",
     )
     if then is not None:
         parser = then(parser)

@@ -209,13 +209,14 @@ def test_add_bigmac_args_and_chaining():
 
     parser = add_bigmac_args(argparse.ArgumentParser(), then=other)
     args = parser.parse_args(["--moe-structure", "bigmac", "--moe-low-rank-ratio", "0.5",
-                              "--moe-expert-activation", "relu", "--other", "3"])
-    assert (args.moe_structure, args.moe_low_rank_ratio, args.moe_expert_activation, args.other) == (
-        "bigmac", 0.5, "relu", 3)
+                              "--moe-expert-activation", "relu", "--moe-latent-init", "megatron",
+                              "--other", "3"])
+    assert (args.moe_structure, args.moe_low_rank_ratio, args.moe_expert_activation,
+            args.moe_latent_init, args.other) == ("bigmac", 0.5, "relu", "megatron", 3)
     assert chained == [True]
     defaults = add_bigmac_args(argparse.ArgumentParser()).parse_args([])
-    assert (defaults.moe_structure, defaults.moe_low_rank_ratio, defaults.moe_expert_activation) == (
-        None, 0.25, "gelu")
+    assert (defaults.moe_structure, defaults.moe_low_rank_ratio, defaults.moe_expert_activation,
+            defaults.moe_latent_init) == (None, 0.25, "gelu", "variance_preserving")
     with pytest.raises(SystemExit):
         add_bigmac_args(argparse.ArgumentParser()).parse_args(["--moe-structure", "dense"])
 
@@ -223,6 +224,7 @@ def test_add_bigmac_args_and_chaining():
 def _megatron_args(**overrides):
     """The attributes of Megatron-LM's parsed args that the glue and the fake config reader use."""
     values = dict(moe_structure="bigmac", moe_low_rank_ratio=0.25, moe_expert_activation="gelu",
+                  moe_latent_init="variance_preserving",
                   num_experts=8, moe_router_topk=2, num_layers=2, hidden_size=64,
                   num_attention_heads=4, ffn_hidden_size=256, moe_ffn_hidden_size=256,
                   normalization="LayerNorm", spec=None, mtp_num_layers=None,
@@ -355,7 +357,7 @@ def test_patched_pretrain_gpt_help_lists_the_arguments(megatron_lm_copy):
                     f"import (its --help too); install it or set MEGATRON_LM_PYTHON")
     assert r.returncode == 0, r.stderr[-3000:]
     for flag in ("--moe-structure {bigmac,fine_grained,vanilla}", "--moe-low-rank-ratio",
-                 "--moe-expert-activation"):
+                 "--moe-expert-activation", "--moe-latent-init"):
         assert flag in r.stdout
     assert "--tensor-model-parallel-size" in r.stdout  # Megatron-LM's own arguments are still there
 

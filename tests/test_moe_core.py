@@ -74,6 +74,8 @@ def test_bigmac_alltoall_bytes_are_r_times_fine_grained():
         (dict(moe_token_dispatcher_type="ring"), "moe_token_dispatcher_type: 'ring' is not one of alltoall, allgather, flex"),
         (dict(moe_token_dispatcher_type="flex"), "moe_token_dispatcher_type: 'flex' needs DeepEP"),
         (dict(moe_latent_size=16), "moe_latent_size: leave unset"),
+        (dict(moe_latent_init="xavier"),
+         "moe_latent_init: 'xavier' is not one of variance_preserving, megatron"),
         (dict(moe_ffn_hidden_size=30, tensor_model_parallel_size=4, num_attention_heads=4),
          "moe_ffn_hidden_size: 30 is not divisible by expert_tensor_parallel_size=4"),
     ],
@@ -95,6 +97,54 @@ def test_expert_width_defaults_follow_the_structure(structure, ffn):
     config = BigMacConfig(**TINY, moe_structure=structure)
     assert config.moe_ffn_hidden_size == ffn
     assert config.moe_token_width == (16 if structure == "bigmac" else 64)
+
+
+# ------------------------------------------------------------------ initialization
+SMALL = dict(num_layers=12, hidden_size=768, num_attention_heads=12, num_moe_experts=64,
+             moe_router_topk=8, moe_low_rank_ratio=0.25)  # configs/small
+
+
+def measure_initial_scale(rank, world, results):
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_bigmac.specs import get_moe_module_spec
+
+    ps.initialize_model_parallel()
+    x = torch.randn(256, 4, SMALL["hidden_size"], generator=torch.Generator().manual_seed(0))
+    for name, structure, init in (("fine_grained", "fine_grained", "variance_preserving"),
+                                  ("variance_preserving", "bigmac", "variance_preserving"),
+                                  ("megatron", "bigmac", "megatron")):
+        config = BigMacConfig(**SMALL, moe_structure=structure, moe_latent_init=init,
+                              use_cpu_initialization=True, add_bias_linear=False)
+        torch.manual_seed(1234)
+        layer = build_module(get_moe_module_spec(structure), config=config)
+        with torch.no_grad():
+            out, _ = layer(x)
+        stds = {proj: getattr(layer, proj).weight.std().item()
+                for proj in ("fc1_latent_proj", "fc2_latent_proj") if hasattr(layer, proj)}
+        results[name] = (out.pow(2).mean().sqrt().item(), stds)
+    ps.destroy_model_parallel()
+
+
+def test_bigmac_projections_start_variance_preserving_as_large_as_fine_grained():
+    """The default init keeps W_down x and W_up y' at their inputs' scale, so a BigMac layer starts
+    as large as a Fine-Grained one; megatron-core's latent-MoE init (0.02, 0.02/sqrt(2L)) starts it
+    ~35x smaller, which made BigMac train far slower (docs/reports/small-enwiki-1200)."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    run_distributed(measure_initial_scale, 1, results)
+    h, latent = SMALL["hidden_size"], round(SMALL["moe_low_rank_ratio"] * SMALL["hidden_size"])
+    fine_grained, _ = results["fine_grained"]
+    scale, stds = results["variance_preserving"]
+    assert stds["fc1_latent_proj"] == pytest.approx(h**-0.5, rel=0.01)
+    assert stds["fc2_latent_proj"] == pytest.approx(latent**-0.5, rel=0.01)
+    assert 0.7 < scale / fine_grained < 1.4, (scale, fine_grained)
+    scale, stds = results["megatron"]
+    assert stds["fc1_latent_proj"] == pytest.approx(0.02, rel=0.01)
+    assert stds["fc2_latent_proj"] == pytest.approx(0.02 / (2 * SMALL["num_layers"]) ** 0.5, rel=0.01)
+    assert scale < fine_grained / 10, (scale, fine_grained)
 
 
 # ------------------------------------------------------------------ parameter counts

@@ -229,3 +229,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert report.main([str(run), "--out", str(tmp_path / "out"), "--target-ppl", "-1"]) == 2
     assert report.main([str(run), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "README.md").is_file()
+
+
+def test_runs_table_resolves_expert_width_and_lists_other_config_differences(real_run, tmp_path):
+    """The structure's default expert width (config: null) is shown resolved; keys outside the
+    runs table that differ from the baseline's are listed, paths left out."""
+    import yaml
+
+    config = yaml.safe_load((real_run / "config.yaml").read_text())
+    assert config["moe_ffn_hidden_size"] is None  # tiny Fine-Grained: r*h = 0.25 * 64
+    other = copy_run(real_run, tmp_path / "other", records(real_run))
+    changed = dict(config, clip_grad=0.5, log_dir="/elsewhere", save="/elsewhere/ckpt")
+    del changed["moe_latent_init"]
+    (other / "config.yaml").write_text(yaml.safe_dump(changed))
+    path = report.build_report([str(real_run), str(other)], str(tmp_path / "out"))
+    markdown = path.read_text()
+    assert {row["expert ffn"] for row in table(markdown, "## Runs").values()} == {"16"}
+    lines = [line for line in markdown.splitlines() if line.startswith("- **other**")]
+    assert lines == [f"- **other**: clip_grad `0.5` ({real_run.name}: `{config['clip_grad']}`), "
+                     f"moe_latent_init absent ({real_run.name}: `variance_preserving`)"]

@@ -28,6 +28,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.utils import init_method_normal
 
 from megatron_bigmac.config import BigMacConfig
 from megatron_bigmac.moe.dispatcher import GatherAlltoAllTokenDispatcher
@@ -95,8 +96,12 @@ class BigMacMoELayer(GroupedMoELayer):
         h, latent = config.hidden_size, config.moe_latent_dim
         assert latent is not None, "BigMacMoELayer needs moe_structure='bigmac'"
         # W_down (descend) and W_up (ascend), named as megatron-core's latent MoE names them.
-        self.fc1_latent_proj = LatentProjection(h, latent, config, config.init_method)
-        self.fc2_latent_proj = LatentProjection(latent, h, config, config.output_layer_init_method)
+        if config.moe_latent_init == "variance_preserving":  # see BigMacConfig.moe_latent_init
+            down_init, up_init = init_method_normal(h**-0.5), init_method_normal(latent**-0.5)
+        else:
+            down_init, up_init = config.init_method, config.output_layer_init_method
+        self.fc1_latent_proj = LatentProjection(h, latent, config, down_init)
+        self.fc2_latent_proj = LatentProjection(latent, h, config, up_init)
 
     def preprocess(self, hidden_states, probs, routing_map):
         """Descend h -> r*h after routing on the full width, before the dispatcher permutes."""

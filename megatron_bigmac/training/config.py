@@ -100,6 +100,10 @@ class TrainingConfig:
     """Project key: the MoE structure (see megatron_bigmac.config)."""
     moe_low_rank_ratio: float = 0.25
     """Project key: r. BigMac's latent width and Fine-Grained's expert width are r * hidden_size."""
+    moe_latent_init: str = field(
+        default="variance_preserving", metadata=_choices("variance_preserving", "megatron")
+    )
+    """Project key: how BigMac's W_down/W_up start (see megatron_bigmac.config)."""
     moe_expert_activation: str = field(
         default="gelu", metadata=_choices("gelu", "relu", "squared_relu", "swiglu")
     )

@@ -24,7 +24,7 @@ _MODEL_KEYS = (
     "moe_ffn_hidden_size", "moe_aux_loss_coeff", "moe_router_load_balancing_type",
     "moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity", "moe_token_dispatcher_type",
     "moe_router_pre_softmax", "moe_router_dtype", "moe_z_loss_coeff", "moe_structure",
-    "moe_low_rank_ratio", "moe_expert_activation", "tensor_model_parallel_size",
+    "moe_low_rank_ratio", "moe_latent_init", "moe_expert_activation", "tensor_model_parallel_size",
     "pipeline_model_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
     "sequence_parallel", "bf16", "use_cpu_initialization", "bias_dropout_fusion",
     "cross_entropy_loss_fusion", "cross_entropy_fusion_impl", "layernorm_fusion",
