@@ -558,6 +558,13 @@ def runs_table(runs: Sequence[Run]) -> List[str]:
     return _table(header, rows)
 
 
+_ABSENT = object()
+
+
+def _shown(value) -> str:
+    return "absent" if value is _ABSENT else f"`{value}`"
+
+
 def config_differences(runs: Sequence[Run], base: Run) -> List[str]:
     """One line per run whose config differs from the baseline's in keys the runs table does not
     show (locations left out): ``key: value`` (baseline's value), ``absent`` for a missing key."""
@@ -568,13 +575,11 @@ def config_differences(runs: Sequence[Run], base: Run) -> List[str]:
         if run is base or not run.config:
             continue
         keys = sorted((set(run.config) | set(base.config)) - set(RUN_COLUMNS) - LOCATION_KEYS)
-        missing = object()
-        changed = [(k, run.config.get(k, missing), base.config.get(k, missing)) for k in keys
-                   if run.config.get(k, missing) != base.config.get(k, missing)]
-        shown = lambda v: "absent" if v is missing else f"`{v}`"  # noqa: E731
+        changed = [(k, run.config.get(k, _ABSENT), base.config.get(k, _ABSENT)) for k in keys
+                   if run.config.get(k, _ABSENT) != base.config.get(k, _ABSENT)]
         if changed:
             lines.append(f"- **{run.name}**: " + ", ".join(
-                f"{k} {shown(mine)} ({base.name}: {shown(theirs)})" for k, mine, theirs in changed))
+                f"{k} {_shown(mine)} ({base.name}: {_shown(theirs)})" for k, mine, theirs in changed))
     return lines
 
 
