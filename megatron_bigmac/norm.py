@@ -41,11 +41,13 @@ class FusedNorm(torch.nn.Module):
         for param in (self.weight, self.bias):
             if param is not None:
                 param.sequence_parallel = config.sequence_parallel
+        self._layer_norm = kernels.compiled(kernels.layer_norm)
+        self._rms_norm = kernels.compiled(kernels.rms_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalization == "LayerNorm":
-            return kernels.compiled(kernels.layer_norm)(x, self.weight, self.bias, self.eps)
-        return kernels.compiled(kernels.rms_norm)(x, self.weight, self.eps)
+            return self._layer_norm(x, self.weight, self.bias, self.eps)
+        return self._rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.normalization}, {self.weight.numel()}, eps={self.eps}"

@@ -103,6 +103,13 @@ class GroupedExperts(MegatronModule):
         self.tp_group = pg_collection.expt_tp
         self.dp_group = pg_collection.expt_dp
         self.activation = ACTIVATIONS[config.moe_expert_activation]
+        # The gate-weight epilogues (see forward). With moe_activation_fusion each is one
+        # compiled kernel each way; symbolic sizes, since the number of rows varies from step
+        # to step under expert parallelism.
+        fuse = (lambda fn: compiled(fn, dynamic=True)) if config.moe_activation_fusion \
+            else (lambda fn: fn)
+        self._activate_and_scale_rows = fuse(activate_and_scale_rows)
+        self._scale_rows = fuse(scale_rows)
         self.num_fc1_chunks = 2 if config.moe_expert_activation == "swiglu" else 1
 
         self.token_width = config.moe_token_width
@@ -181,15 +188,11 @@ class GroupedExperts(MegatronModule):
         # bias-free, so they may scale its input (megatron-core's choice) or its output: scale
         # the narrower of the two, f_local wide (Fine-Grained) or d = r*h wide (BigMac, 4x fewer
         # elements), in fp32 like the router's probabilities.
-        # With moe_activation_fusion each is one compiled kernel each way; symbolic sizes,
-        # since the number of rows varies from step to step under expert parallelism.
-        fused = (lambda fn: compiled(fn, dynamic=True)) if self.config.moe_activation_fusion \
-            else (lambda fn: fn)
         if self.ffn_size_per_partition <= self.token_width:
-            hidden = fused(activate_and_scale_rows)(hidden, permuted_probs, self.activation)
+            hidden = self._activate_and_scale_rows(hidden, permuted_probs, self.activation)
             return grouped_linear(hidden, self.weight2, counts), None
         output = grouped_linear(self.activation(hidden), self.weight2, counts)
-        return fused(scale_rows)(output, permuted_probs), None
+        return self._scale_rows(output, permuted_probs), None
 
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
