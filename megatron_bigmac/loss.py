@@ -58,7 +58,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if world > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=tp_group)
         sum_exp, target_logit = compiled(_sum_exp_and_target)(logits, logits_max, target,
-                                                             vocab_start)
+                                                              vocab_start)
         if world > 1:
             both = torch.stack([sum_exp, target_logit])
             dist.all_reduce(both, group=tp_group)
