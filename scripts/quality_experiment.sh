@@ -24,8 +24,9 @@
 #
 # Environment (all optional):
 #   CONFIG_DIR   directory holding {vanilla,fine_grained,bigmac}.yaml (default configs/small)
-#   STRUCTURES   which of them to train, in order (default "vanilla fine_grained bigmac"); the
-#                report covers every structure whose run directory exists in WORK_DIR
+#   STRUCTURES   which configs of CONFIG_DIR to train, in order (default "vanilla fine_grained
+#                bigmac"; any other NAME.yaml there works too, e.g. a variant); the
+#                report covers every run directory in WORK_DIR
 #   NPROC        training processes (default 1); EP etc. come from the config or EXTRA
 #   EXTRA        more key=value overrides for the trainer, e.g. EXTRA="micro_batch_size=32"
 #   SHARDS       how many of the 5 enwiki train shards to tokenize and train on (default 5)
@@ -93,8 +94,7 @@ cd "$ROOT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$ROOT
 [ -d "$CONFIG_DIR" ] || die "CONFIG_DIR: no such directory: $CONFIG_DIR"
 for s in $STRUCTURES; do
-    case "$s" in vanilla|fine_grained|bigmac) ;; *) die "STRUCTURES: unknown structure '$s'" ;; esac
-    [ -f "$CONFIG_DIR/$s.yaml" ] || die "no config $CONFIG_DIR/$s.yaml"
+    [ -f "$CONFIG_DIR/$s.yaml" ] || die "STRUCTURES: no config $CONFIG_DIR/$s.yaml for '$s'"
 done
 
 # Inputs. The shards are read in name order, so SHARDS=k always means the same first k.
@@ -287,11 +287,14 @@ for s in $STRUCTURES; do
 done
 
 # ------------------------------------------------------------------ 3. report
-# Every structure with a run directory, in the paper's order, against Fine-Grained (the
-# structure BigMac changes) when it is there.
+# Every run directory: the three structures in the paper's order, then any other (variants), all
+# against Fine-Grained (the structure BigMac changes) when it is there.
 report_dirs=()
 for s in vanilla fine_grained bigmac; do
     if [ -d "$WORK_DIR/runs/$s" ]; then report_dirs+=("$WORK_DIR/runs/$s"); fi
+done
+for d in "$WORK_DIR"/runs/*/; do
+    case "$(basename "$d")" in vanilla|fine_grained|bigmac) ;; *) report_dirs+=("${d%/}") ;; esac
 done
 baseline=()
 if [ -d "$WORK_DIR/runs/fine_grained" ]; then baseline=(--baseline fine_grained); fi

@@ -119,7 +119,8 @@ def test_refuses_to_append_to_an_existing_run(experiment, tmp_path):
     (["/no/such/dir", "w", "o"], {}, "DATA_DIR: no such directory: /no/such/dir"),
     (["DATA", "w", "o", "ten"], {}, "ITERS must be a positive integer, got 'ten'"),
     (["DATA", "w", "o"], {"SHARDS": "2"}, "1 of the 2 enwiki shards wanted"),
-    (["DATA", "w", "o"], {"STRUCTURES": "bigmac dense"}, "STRUCTURES: unknown structure 'dense'"),
+    (["DATA", "w", "o"], {"STRUCTURES": "bigmac dense"},
+     "STRUCTURES: no config configs/small/dense.yaml for 'dense'"),
 ])
 def test_bad_arguments(tmp_path, args, env, message):
     data = make_data_dir(tmp_path)

@@ -168,3 +168,26 @@ def test_signal_during_startup_stops_before_the_first_step_with_a_checkpoint(cac
     r = run(cache, f"save={save}", f"load={save}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert train_losses(save) == train_losses(checkpoint)
+
+
+# ------------------------------------------------------------------------------ exit interval
+def test_exit_interval_stops_early_on_the_full_schedule_and_resumes(cache, tmp_path):
+    """exit_interval=2 of train_iters=4: stops after iteration 2 with a validation and a
+    checkpoint, its learning rates those of the 4-iteration schedule; resumed without it, the
+    run goes on to iteration 4."""
+    save = tmp_path / "run"
+    schedule = ("train_iters=4", "lr_decay_iters=4", "eval_interval=3", f"save={save}")
+    r = run(cache, *schedule, "exit_interval=2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert f"[2/4] exit_interval 2: stopped with its checkpoint in {save}" in r.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2]
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert len(lrs) == 2 and lrs[1] > 2 * 3.0e-4, lrs  # min_lr 3e-4: far from decayed at 2 of 4
+
+    r = run(cache, *schedule, f"load={save}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "exit_interval: 2 -> None" in r.stdout + r.stderr
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert sorted(train_losses(save)) == [1, 2, 3, 4]

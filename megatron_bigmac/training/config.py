@@ -190,6 +190,10 @@ class TrainingConfig:
     load: Optional[str] = None
     """A save directory (resumes from its latest checkpoint) or one iter_NNNNNNN directory."""
 
+    exit_interval: Optional[int] = None
+    """Stop after the first iteration divisible by this (Megatron-LM's --exit-interval), with a
+    checkpoint when ``save`` is set: a run shortened on purpose keeps the schedule of its full
+    ``train_iters`` (e.g. a 600-iteration look at a 1,200-iteration run)."""
     exit_signal_handler: bool = True
     """On SIGUSR1 or SIGTERM, save a checkpoint at the next iteration boundary and exit cleanly
     (what scripts/torchrun.sh and scripts/slurm/pretrain.sbatch rely on before a time limit)."""
@@ -482,6 +486,8 @@ def validate(cfg: TrainingConfig, world_size: int, cuda: bool) -> None:
             _fail("split", f"{cfg.split!r} leaves no validation data (or set eval_iters: 0)")
 
     # Checkpointing and logging.
+    if cfg.exit_interval is not None and cfg.exit_interval < 1:
+        _fail("exit_interval", f"must be >= 1, got {cfg.exit_interval}")
     if cfg.save_interval is not None:
         if cfg.save_interval < 1:
             _fail("save_interval", f"must be >= 1, got {cfg.save_interval}")

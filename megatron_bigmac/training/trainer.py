@@ -127,7 +127,8 @@ class Trainer:
 
         while self.iteration < cfg.train_iters:
             last = self.iteration + 1 == cfg.train_iters
-            log_now = last or (self.iteration + 1) % cfg.log_interval == 0
+            exit_now = bool(cfg.exit_interval) and (self.iteration + 1) % cfg.exit_interval == 0
+            log_now = last or exit_now or (self.iteration + 1) % cfg.log_interval == 0
             self.timers.arm(log_now)  # time fwd/bwd/optimizer only on logging steps (it syncs)
             if self.profiler:
                 self.profiler.step_begin(self.iteration)
@@ -146,18 +147,19 @@ class Trainer:
                 interval_start, interval_steps = time.perf_counter(), 0
             # Evaluation and saving are not training: shift the interval's start past them (a
             # reset would divide part of the interval's time by all of its steps).
-            if last or self.iteration % cfg.eval_interval == 0:
+            # A run stopped by exit_interval also ends with a validation.
+            if last or exit_now or self.iteration % cfg.eval_interval == 0:
                 paused = time.perf_counter()
                 val_loss = self.evaluate()
                 interval_start += time.perf_counter() - paused
-            stop = self._exit_agreed()
+            stop = self._exit_agreed() or exit_now
             periodic = cfg.save_interval and self.iteration % cfg.save_interval == 0
             if cfg.save and (last or periodic or stop):
                 paused = time.perf_counter()
                 self.save()
                 interval_start += time.perf_counter() - paused
             if stop:
-                self._report_exit()
+                self._report_exit(signal=not exit_now)
                 break
         self.metrics.close()
         return val_loss
@@ -170,11 +172,11 @@ class Trainer:
         """Whether any rank received SIGUSR1/SIGTERM (collective)."""
         return self.exit_signal is not None and self.exit_signal.agreed()
 
-    def _report_exit(self) -> None:
+    def _report_exit(self, signal: bool = True) -> None:
         if self.ctx.is_main:
             saved = f" with its checkpoint in {self.cfg.save}" if self.cfg.save else ""
-            print(f"[{self.iteration}/{self.cfg.train_iters}] exit signal: stopped{saved}",
-                  flush=True)
+            why = "exit signal" if signal else f"exit_interval {self.cfg.exit_interval}"
+            print(f"[{self.iteration}/{self.cfg.train_iters}] {why}: stopped{saved}", flush=True)
 
     def train_step(self, batches: Iterator) -> Tuple[torch.Tensor, float]:
         """One iteration over ``num_microbatches`` micro-batches; returns this rank's
