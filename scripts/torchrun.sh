@@ -184,9 +184,18 @@ for note in "${ib_notes[@]}"; do echo "torchrun.sh: auto: $note"; done
 # which SLURM may also have signalled directly (handling it twice must be harmless).
 ( trap '' USR1; exec "${cmd[@]}" ) &
 child=$!
+# The training processes are torchrun's direct children, each in a session of its own (so a
+# signal to this script's process group misses them). Found through /proc, since slim container
+# images often lack pkill/pgrep (procps).
+children_of() {
+    cat /proc/"$1"/task/*/children 2>/dev/null \
+        || pgrep -P "$1" 2>/dev/null \
+        || true
+}
 forward_usr1() {
     echo "torchrun.sh: $(hostname -s): SIGUSR1: asking the training processes to checkpoint and stop"
-    pkill -USR1 -P "$child" 2>/dev/null || true
+    local pid
+    for pid in $(children_of "$child"); do kill -USR1 "$pid" 2>/dev/null || true; done
 }
 forward() { kill -s "$1" "$child" 2>/dev/null || true; }
 trap forward_usr1 USR1

@@ -12,9 +12,11 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -80,6 +82,42 @@ def test_torchrun_launches_with_megatron_environment(tmp_path):
         line = (tmp_path / f"probe{rank}").read_text()
         assert f"RANK={rank} WORLD_SIZE=2 CUDA_DEVICE_MAX_CONNECTIONS=1 OMP_NUM_THREADS=1" in line
         assert f"['--config', '{TINY}', 'train_iters=3']" in line
+
+
+def test_torchrun_passes_sigusr1_to_the_training_processes_without_procps(tmp_path):
+    """SIGUSR1 to torchrun.sh (what SLURM and quality_experiment.sh's timeout send) reaches every
+    training process, also where pkill/pgrep are missing (slim GPU images lack procps)."""
+    (tmp_path / "signal_probe.py").write_text(
+        "import os, signal, time\n"
+        f"out = os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'])\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: open(out, 'a').write('USR1'))\n"
+        "open(out + '.ready', 'w').close()\n"
+        "deadline = time.time() + 60\n"
+        "while time.time() < deadline and not os.path.exists(out):\n"
+        "    time.sleep(0.05)\n"
+    )
+    no_procps = tmp_path / "bin"
+    no_procps.mkdir()
+    for tool in ("pkill", "pgrep"):
+        (no_procps / tool).write_text("#!/bin/sh\nexit 127\n")
+        (no_procps / tool).chmod(0o755)
+    env = dict(os.environ, PYTHON=sys.executable, NPROC="2", TRAIN_MODULE="signal_probe",
+               PYTHONPATH=str(tmp_path), PATH=f"{no_procps}:{os.environ['PATH']}")
+    proc = subprocess.Popen([str(TORCHRUN_SH), str(TINY)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        while not all((tmp_path / f"rank{r}.ready").exists() for r in range(2)):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert "SIGUSR1: asking the training processes to checkpoint and stop" in output
+    assert proc.returncode == 0, output
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}").read_text() == "USR1"
 
 
 def test_torchrun_missing_config():
