@@ -60,6 +60,21 @@ def summarize(intervals: list[dict]) -> dict:
     return out
 
 
+def write_report(args, overrides, results: dict) -> dict:
+    import torch
+
+    report = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "overrides": overrides,
+        "configs": {c: {"summary": summarize(r), "intervals": r} for c, r in results.items() if r},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("configs", nargs="+")
@@ -83,18 +98,8 @@ def main() -> None:
                 run_overrides = overrides + [kv for kv in own.split(",") if kv]
                 records = run_one(config, args.iters, args.log_interval, run_overrides, Path(tmp))
                 results[entry] += records[args.skip:]
-
-    import torch
-
-    report = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "overrides": overrides,
-        "configs": {c: {"summary": summarize(r), "intervals": r} for c, r in results.items()},
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+                # Written after every run: a time limit or a crash keeps what was measured.
+                report = write_report(args, overrides, results)
 
     print(f"\n{report['device']}: median of {args.rounds} x {args.iters} iterations "
           f"(first {args.skip} intervals dropped)")

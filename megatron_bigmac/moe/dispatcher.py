@@ -40,12 +40,12 @@ class _PermutationPlan:
     token's k experts (``expert_ids`` [T, k]); ``rows_token`` [T * k], the token of each row."""
 
     def __init__(self, routing_map: torch.Tensor, tokens_per_expert: torch.Tensor, topk: int):
-        num_tokens, num_experts = routing_map.shape
+        num_tokens = routing_map.size(0)
         # The k experts of each token, its True entries (exactly k in dropless routing), in
-        # ascending order: distinct keys make the order, and so the combine's summation order,
-        # deterministic (top-k among equal values is not).
-        descending = torch.arange(num_experts, 0, -1, device=routing_map.device, dtype=torch.int16)
-        self.expert_ids = torch.topk(routing_map * descending, topk, dim=1).indices
+        # ascending order, which makes the combine's summation order deterministic. A fixed-size
+        # nonzero: no host sync, and a stream compaction where a top-k would be a radix select.
+        self.expert_ids = torch.nonzero_static(routing_map, size=num_tokens * topk)[:, 1]
+        self.expert_ids = self.expert_ids.view(num_tokens, topk)
         # Row of (t, e): where expert e's block starts + how many earlier tokens chose e. The
         # running count is a scan along each expert's row of the [E, T] map (a scan down the
         # [T, E] map's short columns is a slow kernel on GPUs).

@@ -68,6 +68,9 @@ class TrainingConfig:
     """Layer norms as compiled kernels on GPUs (project key; megatron_bigmac.norm.FusedNorm)."""
     moe_activation_fusion: bool = True
     """Experts' activation + gate weights as one compiled kernel each way on GPUs (project key)."""
+    moe_router_single_pass: bool = True
+    """Route with one softmax and one top-k instead of megatron-core's two passes (project key;
+    the same results, megatron_bigmac.moe.router)."""
     bias_dropout_fusion: bool = False
     """Fuse bias + dropout + residual add (megatron-core's jit_fuser, torch.compile)."""
     cross_entropy_loss_fusion: bool = False
