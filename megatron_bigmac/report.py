@@ -349,6 +349,7 @@ def summarize(run: Run, target: Optional[float]) -> dict:
         "final_val_loss": run.evals[-1].get("lm_loss") if run.evals else None,
         "final_val_ppl": final_ppl(run),
         "best_val_ppl": min((p for _, p in eval_curve(run)), default=None),
+        "val_ppl_by_step": dict(eval_curve(run)),
         "evaluations": {label: r["perplexity"] for label, r in run.evaluations.items()},
         "parameters": parameter_counts(run.config),
         "iterations": run.last_step,
@@ -374,11 +375,18 @@ def ratios(row: dict, base: dict) -> dict:
         q = quotient(a, b)
         return 100.0 * (q - 1.0) if q is not None else None
 
+    # A run that stopped early (or ran longer) is compared with the baseline at its own last
+    # evaluated step, not with the baseline's final perplexity.
+    step = row["final_step"]
+    base_ppl = base["final_val_ppl"]
+    if step != base["final_step"]:
+        base_ppl = base["val_ppl_by_step"].get(step)
     out = {
         "tokens_per_s": quotient(row["tokens_per_s"], base["tokens_per_s"]),
         "time_to_target": quotient(base["seconds_to_target"], row["seconds_to_target"]),
         "tokens_to_target": quotient(base["tokens_to_target"], row["tokens_to_target"]),
-        "final_val_ppl_pct": percent(row["final_val_ppl"], base["final_val_ppl"]),
+        "final_val_ppl_pct": percent(row["final_val_ppl"], base_ppl),
+        "final_val_ppl_step": step if step != base["final_step"] else None,
     }
     for label, ppl in row["evaluations"].items():
         out[f"{label}_pct"] = percent(ppl, base["evaluations"].get(label))
@@ -565,6 +573,12 @@ def _shown(value) -> str:
     return "absent" if value is _ABSENT else f"`{value}`"
 
 
+def _setting(config: dict, key: str):
+    """A config key's value; a missing key and a key set to null (unset) are the same."""
+    value = config.get(key)
+    return _ABSENT if value is None else value
+
+
 def config_differences(runs: Sequence[Run], base: Run) -> List[str]:
     """One line per run whose config differs from the baseline's in keys the runs table does not
     show (locations left out): ``key: value`` (baseline's value), ``absent`` for a missing key."""
@@ -575,8 +589,8 @@ def config_differences(runs: Sequence[Run], base: Run) -> List[str]:
         if run is base or not run.config:
             continue
         keys = sorted((set(run.config) | set(base.config)) - set(RUN_COLUMNS) - LOCATION_KEYS)
-        changed = [(k, run.config.get(k, _ABSENT), base.config.get(k, _ABSENT)) for k in keys
-                   if run.config.get(k, _ABSENT) != base.config.get(k, _ABSENT)]
+        changed = [(k, _setting(run.config, k), _setting(base.config, k)) for k in keys
+                   if _setting(run.config, k) != _setting(base.config, k)]
         if changed:
             lines.append(f"- **{run.name}**: " + ", ".join(
                 f"{k} {_shown(mine)} ({base.name}: {_shown(theirs)})" for k, mine, theirs in changed))
@@ -613,7 +627,10 @@ def ratios_table(rows: Sequence[dict], base: dict, labels: Sequence[str]) -> Lis
         r = ratios(row, base)
         body.append([row["name"] + (" (baseline)" if row is base else ""), fmt_ratio(r["tokens_per_s"]),
                      fmt_ratio(r["time_to_target"]), fmt_ratio(r["tokens_to_target"]),
-                     fmt_pct(r["final_val_ppl_pct"])]
+                     fmt_pct(r["final_val_ppl_pct"]) + (f" (at step {r['final_val_ppl_step']})"
+                                                        if r["final_val_ppl_step"] is not None
+                                                        and r["final_val_ppl_pct"] is not None
+                                                        else "")]
                     + [fmt_pct(r.get(f"{l}_pct")) for l in labels])
     return _table(header, body)
 
@@ -640,7 +657,9 @@ def render(title: str, runs: Sequence[Run], rows: Sequence[dict], base: dict,
     out += [""] + results_table(rows, labels, target)
     out += ["", f"## Relative to {base['name']}", "",
             "Throughput and time/tokens to the target as speedups over the baseline (> 1x is "
-            "faster); perplexities as the difference from the baseline's (negative is better).", ""]
+            "faster); perplexities as the difference from the baseline's (negative is better), "
+            "for a run that stopped at another step than the baseline against the baseline's "
+            "evaluation at that step.", ""]
     out += ratios_table(rows, base, labels)
     out += ["", "## Plots", ""]
     captions = {"tokens": "Validation perplexity vs tokens",

@@ -206,6 +206,17 @@ def test_default_target_baseline_and_speedups(tmp_path):
     assert "time to ppl ≤ 70.00" in explicit.read_text()
 
 
+def test_run_stopped_early_is_compared_at_its_own_last_step(tmp_path):
+    base = fake_run(tmp_path, "base", {0: 1000.0, 2: 100.0, 4: 50.0}, step_time=1.0)
+    early = fake_run(tmp_path, "early", {0: 1000.0, 2: 110.0}, step_time=1.0, iters=2)
+    path = report.build_report([str(base), str(early)], str(tmp_path / "out"))
+    ratios = json.loads((path.parent / "summary.json").read_text())["runs"][1]["ratios"]
+    assert ratios["final_val_ppl_pct"] == pytest.approx(10.0)  # 110 vs the baseline's 100 at 2
+    assert ratios["final_val_ppl_step"] == 2
+    row = table(path.read_text(), "## Relative to")["early"]
+    assert row["final val ppl"] == "+10.00% (at step 2)"
+
+
 def test_resumed_log_keeps_the_latest_records(tmp_path):
     run = fake_run(tmp_path, "resumed", {0: 1000.0, 2: 100.0, 4: 50.0}, step_time=1.0)
     recs = records(run)
@@ -241,6 +252,10 @@ def test_runs_table_resolves_expert_width_and_lists_other_config_differences(rea
     other = copy_run(real_run, tmp_path / "other", records(real_run))
     changed = dict(config, clip_grad=0.5, log_dir="/elsewhere", save="/elsewhere/ckpt")
     del changed["moe_latent_init"]
+    # A key one config leaves unset (null) and the other lacks (older code) is no difference.
+    config_exit = config.get("exit_interval", "missing")
+    assert config_exit is None
+    del changed["exit_interval"]
     (other / "config.yaml").write_text(yaml.safe_dump(changed))
     path = report.build_report([str(real_run), str(other)], str(tmp_path / "out"))
     markdown = path.read_text()

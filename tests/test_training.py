@@ -315,6 +315,11 @@ def test_shipped_configs_parse():
         assert (cfg.moe_structure, cfg.expert_model_parallel_size) == (structure, 2)
         small = load(ROOT / "configs" / "small" / f"{structure}.yaml", world_size=1, cuda=True)
         assert (small.num_layers, small.hidden_size, small.bf16) == (12, 768, True)
+    # The BigMac variants of docs/reports/small-enwiki-1200-latent.
+    r05 = load(ROOT / "configs" / "small" / "bigmac_r05.yaml", world_size=1, cuda=True)
+    assert (r05.moe_structure, r05.moe_low_rank_ratio, r05.moe_ffn_hidden_size) == ("bigmac", 0.5, 384)
+    relu = load(ROOT / "configs" / "small" / "bigmac_relu.yaml", world_size=1, cuda=True)
+    assert (relu.moe_structure, relu.moe_expert_activation) == ("bigmac", "relu")
 
 
 def _paper_counts(rank, world_size, paths, results):
