@@ -69,10 +69,6 @@ class BigMacConfig(TransformerConfig):
     """Compute the experts' activation, gate weighting and casts as one compiled kernel each way
     on GPUs (GroupedExperts) instead of a pass over the expert rows per operation."""
 
-    moe_router_single_pass: bool = True
-    """Route with one softmax and one top-k (LeanTopKRouter) where the router configuration
-    allows; False: megatron-core's TopKRouter routing, the same results in more kernels."""
-
     def __post_init__(self):
         self._validate_moe_structure()
         super().__post_init__()

@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron_bigmac.attention import SDPAttention
 from megatron_bigmac.config import BigMacConfig
 from megatron_bigmac.loss import vocab_parallel_cross_entropy
-from megatron_bigmac.moe import BigMacMoELayer, GroupedExperts, GroupedMoELayer, LeanTopKRouter
+from megatron_bigmac.moe import BigMacMoELayer, GroupedExperts, GroupedMoELayer
 from megatron_bigmac.norm import FusedNorm
 
 
@@ -45,8 +45,7 @@ def get_moe_module_spec(
     (MoELayer itself), so these subclasses receive them through the spec's params."""
     layer = BigMacMoELayer if structure == "bigmac" else GroupedMoELayer
     params = {} if pg_collection is None else {"pg_collection": pg_collection}
-    submodules = MoESubmodules(experts=GroupedExperts, router=LeanTopKRouter)
-    return ModuleSpec(module=layer, params=params, submodules=submodules)
+    return ModuleSpec(module=layer, params=params, submodules=MoESubmodules(experts=GroupedExperts))
 
 
 def get_moe_gpt_layer_spec(

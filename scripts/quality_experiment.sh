@@ -225,9 +225,12 @@ for s in $STRUCTURES; do
     limit=$(( $(left "$FINAL_S") / runs_left - POST_RUN_S ))
     limit=$(( limit < 30 ? 30 : limit ))
     timeout_cmd=()
+    share=()
     if [ "$DEADLINE_S" -gt 0 ]; then
-        # SIGUSR1 makes the trainer checkpoint and stop at the next iteration (scripts/torchrun.sh
-        # passes it on); KILL only if that does not happen within POST_RUN_S more seconds.
+        # The trainer checkpoints and stops by itself 15 s before its share is up
+        # (exit_duration_in_mins, no signal needed). Backstops: SIGUSR1 at the share's end (the
+        # same stop, passed on by scripts/torchrun.sh), KILL POST_RUN_S seconds later.
+        share=("exit_duration_in_mins=$(awk -v s="$limit" 'BEGIN { printf "%.2f", (s > 45 ? s - 15 : s * 2 / 3) / 60 }')")
         timeout_cmd=(timeout -s USR1 -k "$POST_RUN_S" "$limit")
         say "train $s: $CONFIG_DIR/$s.yaml (time share ${limit}s)"
     else
@@ -236,12 +239,12 @@ for s in $STRUCTURES; do
     overrides=("train_data_path=[$train_prefix]" "train_iters=$ITERS" "lr_warmup_iters=$warmup"
                "lr_decay_iters=$ITERS" "eval_interval=$eval_interval" "log_interval=$log_interval"
                "seed=$SEED" "save=$run_dir" "log_dir=$run_dir" "save_interval=null"
-               "${extra[@]}")
+               "${share[@]}" "${extra[@]}")
     set +e
     timed "train_$s" "${timeout_cmd[@]}" \
         "$ROOT/scripts/torchrun.sh" "$CONFIG_DIR/$s.yaml" "${overrides[@]}" 2>&1 \
         | tee "$run_dir/train.log" \
-        | grep --line-buffered -E "validation:|exit signal|^\[data\]|error|Error" | sed -u 's/^/    /'
+        | grep --line-buffered -E "validation:|stopped|^\[data\]|error|Error" | sed -u 's/^/    /'
     rc=${PIPESTATUS[0]}
     set -e
     grep " tok/s" "$run_dir/train.log" | tail -n 1 | sed 's/^/    last: /' || true

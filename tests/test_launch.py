@@ -101,8 +101,10 @@ def test_torchrun_passes_sigusr1_to_the_training_processes_without_procps(tmp_pa
     for tool in ("pkill", "pgrep"):
         (no_procps / tool).write_text("#!/bin/sh\nexit 127\n")
         (no_procps / tool).chmod(0o755)
+    # CPU processes: two of them whatever GPUs the machine has.
     env = dict(os.environ, PYTHON=sys.executable, NPROC="2", TRAIN_MODULE="signal_probe",
-               PYTHONPATH=str(tmp_path), PATH=f"{no_procps}:{os.environ['PATH']}")
+               PYTHONPATH=str(tmp_path), PATH=f"{no_procps}:{os.environ['PATH']}",
+               CUDA_VISIBLE_DEVICES="")
     proc = subprocess.Popen([str(TORCHRUN_SH), str(TINY)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

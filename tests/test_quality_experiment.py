@@ -35,7 +35,8 @@ def make_data_dir(root: Path) -> Path:
 
 def script_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MEGATRON_BIGMAC_CACHE"}
-    env.update(CUDA_VISIBLE_DEVICES="", DEADLINE_S="0", **extra)
+    env.update(CUDA_VISIBLE_DEVICES="", DEADLINE_S="0")
+    env.update(extra)
     return env
 
 
@@ -128,3 +129,27 @@ def test_bad_arguments(tmp_path, args, env, message):
     r = run_script(args, script_env(**env), timeout=30)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "w").exists()  # nothing created before the arguments are checked
+
+
+def test_deadline_stops_a_long_run_by_itself_with_its_checkpoint(tmp_path):
+    """DEADLINE_S far shorter than the run: the trainer stops itself within its time share
+    (exit_duration_in_mins, no signal), checkpointed, and the evaluation and report still come;
+    the report calls the run partial."""
+    data, work, out = make_data_dir(tmp_path), tmp_path / "work", tmp_path / "out"
+    env = script_env(
+        CONFIG_DIR="configs/tiny", NPROC="1", SHARDS="1", STRUCTURES="bigmac",
+        EXTRA="expert_model_parallel_size=1 global_batch_size=4 micro_batch_size=4 seq_length=32",
+        EVAL_ARGS="--max-tokens 2000", DEADLINE_S="120", POST_RUN_S="20", FINAL_S="20",
+    )
+    r = run_script([data, work, out, 100000], env, timeout=240)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "exit_duration_in_mins" in r.stdout and "stopped with its checkpoint" in r.stdout
+    assert "SIGUSR1 sent" not in r.stdout and "FAILED" not in r.stdout
+    saved = int((work / "runs" / "bigmac" / "latest_checkpointed_iteration.txt").read_text())
+    assert 0 < saved < 100000
+    assert "WikiText-2 perplexity" in r.stdout
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    # The report counts logged iterations (every 10 here); the checkpoint may be a few later.
+    logged = int(summary["runs"][0]["status"].removeprefix("partial (").split("/")[0])
+    assert summary["runs"][0]["status"] == f"partial ({logged}/100000)"
+    assert 0 <= saved - logged < 10

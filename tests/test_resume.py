@@ -170,6 +170,17 @@ def test_signal_during_startup_stops_before_the_first_step_with_a_checkpoint(cac
     assert train_losses(save) == train_losses(checkpoint)
 
 
+# ------------------------------------------------------------------------------ exit duration
+def test_exit_duration_stops_with_a_checkpoint_without_a_signal(cache, tmp_path):
+    """exit_duration_in_mins shorter than the start-up: the run stops before its first step,
+    checkpointed, as for a signal, and says why."""
+    save = tmp_path / "run"
+    r = run(cache, f"save={save}", "exit_duration_in_mins=0.001")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert f"[0/2] exit_duration_in_mins 0.001: stopped with its checkpoint in {save}" in r.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
+
+
 # ------------------------------------------------------------------------------ exit interval
 def test_exit_interval_stops_early_on_the_full_schedule_and_resumes(cache, tmp_path):
     """exit_interval=2 of train_iters=4: stops after iteration 2 with a validation and a

@@ -265,6 +265,8 @@ def load(path=None, *overrides, world_size=2, cuda=False):
         (["min_lr=0.1"], 2, r"^min_lr: 0.1 is larger than lr=0.003$"),
         (["lr_warmup_iters=300"], 2, r"^lr_warmup_iters: 300 must be smaller than lr_decay_iters=200$"),
         (["save_interval=10"], 2, r"^save_interval: needs save: <directory>$"),
+        (["exit_interval=0"], 2, r"^exit_interval: must be >= 1, got 0$"),
+        (["exit_duration_in_mins=0"], 2, r"^exit_duration_in_mins: must be > 0, got 0"),
         (["hidden_dropout=1.5"], 2, r"^hidden_dropout: must be in \[0, 1\)"),
         (["train_data_path=[]", "valid_data_path=[]"], 2, r"^data_path: no training data"),
         (["data_path=[x]"], 2, r"^data_path: set either data_path"),

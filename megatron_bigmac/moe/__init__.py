@@ -1,10 +1,9 @@
 """MoE layers: BigMac's low-dimension layer, the grouped experts shared by all structures, and
-the router and All-to-All token dispatcher they use."""
+the All-to-All token dispatcher they use."""
 
 from megatron_bigmac.moe.dispatcher import GatherAlltoAllTokenDispatcher
 from megatron_bigmac.moe.experts import GroupedExperts
 from megatron_bigmac.moe.layer import BigMacMoELayer, GroupedMoELayer, LatentProjection
-from megatron_bigmac.moe.router import LeanTopKRouter
 
 __all__ = [
     "BigMacMoELayer",
@@ -12,5 +11,4 @@ __all__ = [
     "GroupedExperts",
     "GroupedMoELayer",
     "LatentProjection",
-    "LeanTopKRouter",
 ]

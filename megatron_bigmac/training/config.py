@@ -68,9 +68,6 @@ class TrainingConfig:
     """Layer norms as compiled kernels on GPUs (project key; megatron_bigmac.norm.FusedNorm)."""
     moe_activation_fusion: bool = True
     """Experts' activation + gate weights as one compiled kernel each way on GPUs (project key)."""
-    moe_router_single_pass: bool = True
-    """Route with one softmax and one top-k instead of megatron-core's two passes (project key;
-    the same results, megatron_bigmac.moe.router)."""
     bias_dropout_fusion: bool = False
     """Fuse bias + dropout + residual add (megatron-core's jit_fuser, torch.compile)."""
     cross_entropy_loss_fusion: bool = False
@@ -197,6 +194,9 @@ class TrainingConfig:
     """Stop after the first iteration divisible by this (Megatron-LM's --exit-interval), with a
     checkpoint when ``save`` is set: a run shortened on purpose keeps the schedule of its full
     ``train_iters`` (e.g. a 600-iteration look at a 1,200-iteration run)."""
+    exit_duration_in_mins: Optional[float] = None
+    """Checkpoint (when ``save`` is set) and stop once this many minutes have passed since the
+    start (Megatron-LM's --exit-duration-in-mins): a time limit that needs no signal."""
     exit_signal_handler: bool = True
     """On SIGUSR1 or SIGTERM, save a checkpoint at the next iteration boundary and exit cleanly
     (what scripts/torchrun.sh and scripts/slurm/pretrain.sbatch rely on before a time limit)."""
@@ -491,6 +491,8 @@ def validate(cfg: TrainingConfig, world_size: int, cuda: bool) -> None:
     # Checkpointing and logging.
     if cfg.exit_interval is not None and cfg.exit_interval < 1:
         _fail("exit_interval", f"must be >= 1, got {cfg.exit_interval}")
+    if cfg.exit_duration_in_mins is not None and not cfg.exit_duration_in_mins > 0:
+        _fail("exit_duration_in_mins", f"must be > 0, got {cfg.exit_duration_in_mins}")
     if cfg.save_interval is not None:
         if cfg.save_interval < 1:
             _fail("save_interval", f"must be >= 1, got {cfg.save_interval}")

@@ -8,8 +8,10 @@ import os
 import random
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import numpy as np
 import torch
@@ -104,29 +106,38 @@ def set_seed(seed: int) -> None:
 
 
 class ExitSignal:
-    """SIGUSR1 / SIGTERM ask the run to checkpoint and stop at the next iteration boundary.
+    """Asks the run to checkpoint and stop at the next iteration boundary: SIGUSR1 / SIGTERM
+    (``handle_signals``), or the wall-clock ``duration_s`` since construction running out
+    (Megatron-LM's --exit-duration-in-mins: a time limit that needs no signal to arrive).
 
-    The signal may reach the ranks at different moments, so they agree every iteration through
+    Ranks see a signal or the clock at different moments, so they agree every iteration through
     one all-reduce on a gloo group of all ranks: a host-side collective that never waits for the
-    GPU.
+    GPU. ``reason`` says which one stopped the run.
     """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, handle_signals: bool = True, duration_s: Optional[float] = None):
         self.received = False
+        self.deadline = None if duration_s is None else time.monotonic() + duration_s
+        self.reason = "exit signal"
         self.group = dist.new_group(backend="gloo")
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._handle)
+        if handle_signals:
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.received = True  # handling it twice is harmless
 
     def agreed(self) -> bool:
-        """True on every rank once any rank has received a signal (collective)."""
-        flag = torch.tensor([int(self.received)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        """True on every rank once any rank has received a signal or passed the deadline
+        (collective)."""
+        late = self.deadline is not None and time.monotonic() > self.deadline
+        flags = torch.tensor([int(self.received), int(late)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        if not flags[0] and flags[1]:
+            self.reason = "exit_duration_in_mins"
+        return bool(flags.any())
 
 
 def destroy_distributed() -> None:

@@ -28,7 +28,7 @@ _MODEL_KEYS = (
     "pipeline_model_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
     "sequence_parallel", "bf16", "use_cpu_initialization", "bias_dropout_fusion",
     "cross_entropy_loss_fusion", "cross_entropy_fusion_impl", "layernorm_fusion",
-    "moe_activation_fusion", "moe_router_single_pass",
+    "moe_activation_fusion",
 )
 
 

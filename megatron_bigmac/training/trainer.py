@@ -55,7 +55,9 @@ class Trainer:
         self.ctx = init_distributed(cfg)
         # Before the data and the model, which can take minutes to build: a signal meanwhile
         # stops the run cleanly (train() checks it first) instead of killing it.
-        self.exit_signal = ExitSignal() if cfg.exit_signal_handler else None
+        duration_s = None if cfg.exit_duration_in_mins is None else 60 * cfg.exit_duration_in_mins
+        self.exit_signal = (ExitSignal(cfg.exit_signal_handler, duration_s)
+                            if cfg.exit_signal_handler or duration_s is not None else None)
         # A checkpoint that cannot resume this config stops the run before anything is built
         # (and before config.yaml in ``save`` is replaced).
         resume = checkpoint_to_resume(cfg)
@@ -115,7 +117,7 @@ class Trainer:
             if cfg.save and (self.resumed_from is None
                              or find_checkpoint(cfg.save) != self.resumed_from):
                 self.save()
-            self._report_exit()
+            self._report_exit(self.exit_signal.reason)
             self.metrics.close()
             return None
         batches = data.batches(self.train_data, cfg, self.ctx.dp_rank, self.ctx.dp_size,
@@ -159,7 +161,7 @@ class Trainer:
                 self.save()
                 interval_start += time.perf_counter() - paused
             if stop:
-                self._report_exit(signal=not exit_now)
+                self._report_exit(None if exit_now else self.exit_signal.reason)
                 break
         self.metrics.close()
         return val_loss
@@ -169,13 +171,19 @@ class Trainer:
                         self.optimizer, self.scheduler)
 
     def _exit_agreed(self) -> bool:
-        """Whether any rank received SIGUSR1/SIGTERM (collective)."""
+        """Whether any rank received SIGUSR1/SIGTERM or ran out of exit_duration_in_mins
+        (collective)."""
         return self.exit_signal is not None and self.exit_signal.agreed()
 
-    def _report_exit(self, signal: bool = True) -> None:
+    def _report_exit(self, reason: Optional[str]) -> None:
+        """reason: the ExitSignal's; None for exit_interval."""
         if self.ctx.is_main:
             saved = f" with its checkpoint in {self.cfg.save}" if self.cfg.save else ""
-            why = "exit signal" if signal else f"exit_interval {self.cfg.exit_interval}"
+            why = reason
+            if reason is None:
+                why = f"exit_interval {self.cfg.exit_interval}"
+            elif reason == "exit_duration_in_mins":
+                why = f"exit_duration_in_mins {self.cfg.exit_duration_in_mins:g}"
             print(f"[{self.iteration}/{self.cfg.train_iters}] {why}: stopped{saved}", flush=True)
 
     def train_step(self, batches: Iterator) -> Tuple[torch.Tensor, float]:
