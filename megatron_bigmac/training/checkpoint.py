@@ -59,8 +59,8 @@ SCHEDULE_KEYS = (
 #: Keys a resumed run may change on purpose, with effect (train_iters grows to extend a run, data
 #: files move): a change is reported, not refused.
 CHANGEABLE_KEYS = (
-    "train_iters", "exit_interval", "exit_duration_in_mins", "data_path", "train_data_path", "mock_data", "clip_grad", "hidden_dropout",
-    "attention_dropout", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_expert_capacity_factor",
+    "train_iters", "exit_interval", "exit_duration_in_mins", "data_path", "train_data_path",
+    "mock_data", "clip_grad", "hidden_dropout", "attention_dropout", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_expert_capacity_factor",
 )
 
 
