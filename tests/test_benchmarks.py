@@ -28,16 +28,21 @@ def test_moe_speed_smallest_case_writes_json(tmp_path):
     assert report["ratios"]["bigmac_speedup_over_fine_grained"] > 0
 
 
+def _trace_summary():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "trace_summary", ROOT / "benchmarks" / "trace_summary.py")
+    trace_summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace_summary)
+    return trace_summary
+
+
 def test_trace_summary_attributes_kernels_to_modules_forward_and_backward():
     """A hand-written trace in torch.profiler's Chrome format: a forward kernel inside
     `module: Experts` (within `module: Layer`), its backward kernel on the autograd thread
     (same sequence number), an optimizer kernel, and one with no host range."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "trace_summary", Path(__file__).parents[1] / "benchmarks" / "trace_summary.py")
-    trace_summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trace_summary)
+    trace_summary = _trace_summary()
 
     def op(name, ts, dur, tid, cat="cpu_op", **args):
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid,
@@ -70,3 +75,40 @@ def test_trace_summary_attributes_kernels_to_modules_forward_and_backward():
         "torch::autograd::AccumulateGrad": 4.0, "Experts bwd": 3.0, "Layer fwd": 2.0,
         "Experts fwd": 1.0,
     }
+    by_kernel = trace_summary.module_times(events, by_kernel=True)
+    assert by_kernel[("Experts bwd", "k3")] == 3.0 and by_kernel[("Layer fwd", "k2")] == 2.0
+    assert sum(by_kernel.values()) == 21.0  # k7's launch is not in the trace
+
+
+def test_trace_summary_splits_matmul_kernels_and_gives_the_mfu_ceiling(tmp_path):
+    """Kernel names as an H100 trace has them: cuBLASLt (nvjet), torch's grouped GEMM (CUTLASS),
+    cuDNN attention count as matmul; elementwise, gather and Triton kernels do not. Two steps of
+    1 ms wall, 0.8 ms busy, 0.5 ms of it matmul: 2e9 FLOPs per step -> 2e9 / 0.25 ms."""
+    trace_summary = _trace_summary()
+
+    def kernel(name, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": 7, "args": {}}
+
+    events = [
+        kernel("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 0, 200),
+        kernel("_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel", 200, 200),
+        kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 400, 100),
+        kernel("void at::native::vectorized_elementwise_kernel<4>", 500, 150),
+        kernel("void at::native::vectorized_gather_kernel<16>", 650, 100),
+        kernel("triton_poi_fused__to_copy_exp_mul_sub_unsqueeze_2", 750, 50),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1000, "tid": 1, "args": {}},
+    ]
+    trace = tmp_path / "rank0.trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    s = trace_summary.summarize(str(trace))
+    assert s["kernel_sum_ms"] == 0.8 and s["matmul_kernel_ms"] == 0.5 and s["wall_ms"] == 1.0
+    c = trace_summary.mfu_ceiling(s, flops_per_step=2e9, steps=2, peak=1e13)
+    assert c["matmul_ms_per_step"] == 0.25
+    assert abs(c["other_kernel_ms_per_step"] - 0.15) < 1e-12 and abs(c["idle_ms_per_step"] - 0.1) < 1e-12
+    assert abs(c["mfu_ceiling"] - 2e9 / 0.25e-3 / 1e13) < 1e-12
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trace_summary.py"), str(trace),
+                           "--flops-per-step", "2e9", "--steps", "2"],
+                          capture_output=True, text=True, check=True)
+    assert "matmul + attention kernels 0.5 ms (62%), everything else 0.3 ms" in done.stdout
+    assert f"MFU ceiling at these matmul kernel times: {100 * 2e9 / 0.25e-3 / 989e12:.1f}%" in done.stdout

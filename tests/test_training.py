@@ -127,6 +127,58 @@ def test_resume_repeats_the_uninterrupted_run(cache, tmp_path, bigmac_run):
     assert losses == {s: reference[s] for s in range(16, 31)}
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU (runs on the device)")
+def test_cuda_graph_steps_repeat_the_eager_run(cache, tmp_path):
+    """cuda_graph_impl=local on one GPU: 3 eager steps, the capture, then replays. With dropout
+    on, the losses, aux losses and evaluations equal an eager run's (bf16, tolerance 2e-3
+    absolute: the same kernels in the same order; a replay that reused a stale batch or RNG
+    state would move the loss by far more)."""
+    def run(out, *extra):
+        env = dict(os.environ, MEGATRON_BIGMAC_CACHE=str(cache), CUDA_VISIBLE_DEVICES="0")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+               "-m", "megatron_bigmac.train", "--config", str(TINY / "bigmac.yaml"), *COMMON,
+               "expert_model_parallel_size=1", "bf16=true", "train_iters=12", "eval_interval=6",
+               f"log_dir={out}", *extra]
+        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    eager = run(tmp_path / "eager")
+    graph = run(tmp_path / "graph", "cuda_graph_impl=local", "cuda_graph_warmup_steps=3")
+    for kind, key in (("train", "lm_loss"), ("train", "aux_loss"), ("eval", "lm_loss")):
+        want = {r["step"]: r[key] for r in eager if r["kind"] == kind}
+        got = {r["step"]: r[key] for r in graph if r["kind"] == kind}
+        assert sorted(got) == sorted(want) and len(want) >= 3, (kind, key)
+        for step in want:
+            assert got[step] == pytest.approx(want[step], abs=2e-3), (kind, key, step)
+    train_losses = [r["lm_loss"] for r in graph if r["kind"] == "train"]
+    assert len(set(train_losses)) == len(train_losses)  # every replay saw a new batch
+
+
+def test_cuda_graphs_are_rejected_where_a_step_waits_for_the_host():
+    from megatron_bigmac.training.config import ConfigError
+
+    one_gpu = ("bf16=true", "expert_model_parallel_size=1")
+    cases = [
+        (("expert_model_parallel_size=1",), 1, False, r"^cuda_graph_impl: 'local' needs a GPU$"),
+        (("bf16=true",), 2, True, r"^cuda_graph_impl: 'local' needs expert_model_parallel_size 1"),
+        ((*one_gpu, "moe_expert_capacity_factor=1.2"), 1, True,
+         r"^cuda_graph_impl: 'local' needs dropless routing"),
+        ((*one_gpu, "moe_token_dispatcher_type=allgather"), 1, True,
+         r"^cuda_graph_impl: 'local' needs moe_token_dispatcher_type: alltoall$"),
+        ((*one_gpu, "cuda_graph_warmup_steps=0"), 1, True,
+         r"^cuda_graph_warmup_steps: must be >= 1, got 0$"),
+        ((*one_gpu, "cuda_graph_scope=attn"), 1, True,
+         r"^cuda_graph_scope: 'attn' is not one of full_iteration$"),
+    ]
+    for overrides, world_size, cuda, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load(TINY / "bigmac.yaml", "cuda_graph_impl=local", *overrides, world_size=world_size,
+                 cuda=cuda)
+    cfg = load(TINY / "bigmac.yaml", "cuda_graph_impl=local", *one_gpu, world_size=1, cuda=True)
+    assert cfg.cuda_graph_impl == "local" and cfg.cuda_graph_warmup_steps == 3
+
+
 def test_resume_with_the_distributed_optimizer_repeats_the_uninterrupted_run(cache, tmp_path):
     """DP=2 (EP=1), optimizer state sharded over DP: megatron-core 0.16 without TE/apex restores
     Adam's step wrongly unless compat fixes it (the resumed run then drifts from its 2nd step)."""

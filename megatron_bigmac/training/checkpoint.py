@@ -90,12 +90,16 @@ def save_config(cfg: TrainingConfig, directory: str | Path) -> None:
 
 
 def _rng_state() -> dict:
+    # The tracker's streams are generators under CUDA graphs (cuda_graph_impl), state tensors
+    # otherwise: saved as tensors, so a checkpoint resumes with or without graphs.
+    tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
     return {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "tracker": {name: tensor_parallel.convert_cuda_rng_state(state, to_graphable=False)
+                    for name, state in tracker.items()},
     }
 
 
@@ -105,7 +109,10 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    graphable = getattr(tracker, "use_cudagraphable_rng", False)
+    tracker.set_states({name: tensor_parallel.convert_cuda_rng_state(s, to_graphable=graphable)
+                        for name, s in state["tracker"].items()})
 
 
 def _parallel_layout() -> dict:

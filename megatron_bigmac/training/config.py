@@ -73,6 +73,15 @@ class TrainingConfig:
     cross_entropy_loss_fusion: bool = False
     """megatron-core's fused cross entropy ('native': torch.compile, 'te': transformer-engine)."""
     cross_entropy_fusion_impl: str = field(default="native", metadata=_choices("native", "te"))
+    cuda_graph_impl: str = field(default="none", metadata=_choices("none", "local"))
+    """'local': megatron-core's own CUDA graphs (Megatron-LM's --cuda-graph-impl). The runner
+    supports the whole forward-backward of an iteration as one graph (cuda_graph_scope
+    full_iteration, megatron-core's FullCudaGraphWrapper): the host then launches one graph per
+    step instead of thousands of kernels. Needs a GPU and a step without host syncs: a dropless
+    MoE on one rank of its expert group (EP = TP = 1)."""
+    cuda_graph_scope: str = field(default="full_iteration", metadata=_choices("full_iteration"))
+    cuda_graph_warmup_steps: int = 3
+    """Eager iterations before the capture (compilation, allocator growth)."""
 
     # ---------------------------------------------------------------- MoE
     num_experts: int = 8
@@ -450,6 +459,21 @@ def validate(cfg: TrainingConfig, world_size: int, cuda: bool) -> None:
         _fail("use_cpu_initialization", "must be true on CPU")
     if cfg.accumulate_allreduce_grads_in_fp32 is None:
         cfg.accumulate_allreduce_grads_in_fp32 = cfg.bf16
+    if cfg.cuda_graph_impl != "none":
+        # The captured step must not wait for the host: megatron-core's All-to-All needs its split
+        # sizes on the host (EP or expert-TP > 1), token dropping and the allgather dispatcher
+        # count tokens there, and a CPU has no graphs at all.
+        why = ("needs a GPU" if not cuda else
+               "needs expert_model_parallel_size 1 and tensor_model_parallel_size 1 (the "
+               "All-to-All split sizes are host values)" if ep * etp * tp > 1 else
+               "needs dropless routing (moe_expert_capacity_factor: null)"
+               if cfg.moe_expert_capacity_factor is not None else
+               "needs moe_token_dispatcher_type: alltoall"
+               if cfg.moe_token_dispatcher_type != "alltoall" else None)
+        if why:
+            _fail("cuda_graph_impl", f"{cfg.cuda_graph_impl!r} {why}")
+        if cfg.cuda_graph_warmup_steps < 1:
+            _fail("cuda_graph_warmup_steps", f"must be >= 1, got {cfg.cuda_graph_warmup_steps}")
     if cfg.overlap_param_gather:
         # The optimizer step then leaves the all-gather of updated weights to the next forward,
         # so a checkpoint taken in between would hold stale weights (Megatron-LM disables the

@@ -94,15 +94,17 @@ def init_distributed(cfg: TrainingConfig) -> ParallelContext:
     )
 
 
-def set_seed(seed: int) -> None:
+def set_seed(seed: int, cuda_graphs: bool = False) -> None:
     """Megatron-LM's seeding: the same seed on every data-parallel rank (so replicas start equal)
     and per-TP/EP-rank streams in megatron-core's RNG tracker (dropout inside TP regions, expert
-    initialization on GPUs)."""
+    initialization on GPUs). ``cuda_graphs``: the tracker keeps its streams as generators a
+    captured graph can advance (Megatron-LM's choice under --cuda-graph-impl local)."""
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=cuda_graphs,
+                                    force_reset_rng=cuda_graphs)
 
 
 class ExitSignal:

@@ -21,6 +21,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
+from megatron.core.full_cuda_graph import FullCudaGraphWrapper
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
@@ -53,6 +54,12 @@ class Trainer:
     def __init__(self, cfg: TrainingConfig):
         self.cfg = cfg
         self.ctx = init_distributed(cfg)
+        if cfg.cuda_graph_impl != "none":
+            # PyTorch's whole-network capture recipe: keep all work off the legacy default
+            # stream, whose implicit sync with every other stream invalidates a capture. The
+            # AccumulateGrad nodes that megatron-core's DDP creates when it wraps the model run
+            # on the stream current then, so this comes before anything is built.
+            torch.cuda.set_stream(torch.cuda.Stream())
         # Before the data and the model, which can take minutes to build: a signal meanwhile
         # stops the run cleanly (train() checks it first) instead of killing it.
         duration_s = None if cfg.exit_duration_in_mins is None else 60 * cfg.exit_duration_in_mins
@@ -76,7 +83,7 @@ class Trainer:
         self.train_data, self.valid_data = data.build_datasets(cfg)
 
         # The same seed on every rank before building: data-parallel replicas start equal.
-        set_seed(cfg.seed)
+        set_seed(cfg.seed, cuda_graphs=cfg.cuda_graph_impl != "none")
         self.model = build_model(cfg, self.ctx.device, self.ctx.pg_collection)
         self.optimizer = build_optimizer(cfg, [self.model], self.ctx.pg_collection)
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -90,6 +97,14 @@ class Trainer:
         config.grad_scale_func = self.optimizer.scale_loss
         config.timers = self.timers
         self.forward_backward = get_forward_backward_func()
+        # cuda_graph_impl: training iterations replay one captured forward-backward (data copied
+        # into static buffers first; megatron-core's FullCudaGraphWrapper, as Megatron-LM wraps
+        # it). Evaluation stays eager.
+        self.cuda_graphs = cfg.cuda_graph_impl != "none"
+        self.train_forward_backward = (
+            FullCudaGraphWrapper(self.forward_backward, cfg.cuda_graph_warmup_steps)
+            if self.cuda_graphs else self.forward_backward
+        )
 
         self.iteration, self.consumed_samples = load_checkpoint(
             resume, self.model, self.optimizer, self.scheduler
@@ -131,7 +146,8 @@ class Trainer:
             last = self.iteration + 1 == cfg.train_iters
             exit_now = bool(cfg.exit_interval) and (self.iteration + 1) % cfg.exit_interval == 0
             log_now = last or exit_now or (self.iteration + 1) % cfg.log_interval == 0
-            self.timers.arm(log_now)  # time fwd/bwd/optimizer only on logging steps (it syncs)
+            # Time fwd/bwd/optimizer only on logging steps (it syncs), and never inside a graph.
+            self.timers.arm(log_now and not self.cuda_graphs)
             if self.profiler:
                 self.profiler.step_begin(self.iteration)
             step_loss, grad_norm = self.train_step(batches)
@@ -192,7 +208,11 @@ class Trainer:
         cfg = self.cfg
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self.forward_backward(
+        if self.cuda_graphs and self.train_forward_backward.curr_iter("training") == \
+                cfg.cuda_graph_warmup_steps:
+            # The graph gets its own memory pool: hand back what the eager steps cached first.
+            torch.cuda.empty_cache()
+        outputs = self.train_forward_backward(
             forward_step_func=self.forward_step,
             data_iterator=batches,
             model=[self.model],
