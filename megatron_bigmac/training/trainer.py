@@ -54,7 +54,9 @@ class Trainer:
     def __init__(self, cfg: TrainingConfig):
         self.cfg = cfg
         self.ctx = init_distributed(cfg)
-        if cfg.cuda_graph_impl != "none":
+        # cuda_graph_impl: training iterations replay one captured forward-backward (set up below).
+        self.cuda_graphs = cfg.cuda_graph_impl != "none"
+        if self.cuda_graphs:
             # PyTorch's whole-network capture recipe: keep all work off the legacy default
             # stream, whose implicit sync with every other stream invalidates a capture. The
             # AccumulateGrad nodes that megatron-core's DDP creates when it wraps the model run
@@ -83,7 +85,7 @@ class Trainer:
         self.train_data, self.valid_data = data.build_datasets(cfg)
 
         # The same seed on every rank before building: data-parallel replicas start equal.
-        set_seed(cfg.seed, cuda_graphs=cfg.cuda_graph_impl != "none")
+        set_seed(cfg.seed, cuda_graphs=self.cuda_graphs)
         self.model = build_model(cfg, self.ctx.device, self.ctx.pg_collection)
         self.optimizer = build_optimizer(cfg, [self.model], self.ctx.pg_collection)
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -97,10 +99,8 @@ class Trainer:
         config.grad_scale_func = self.optimizer.scale_loss
         config.timers = self.timers
         self.forward_backward = get_forward_backward_func()
-        # cuda_graph_impl: training iterations replay one captured forward-backward (data copied
-        # into static buffers first; megatron-core's FullCudaGraphWrapper, as Megatron-LM wraps
-        # it). Evaluation stays eager.
-        self.cuda_graphs = cfg.cuda_graph_impl != "none"
+        # With cuda_graph_impl, megatron-core's FullCudaGraphWrapper (as Megatron-LM wraps it):
+        # data copied into static buffers, then the captured graph replayed. Evaluation stays eager.
         self.train_forward_backward = (
             FullCudaGraphWrapper(self.forward_backward, cfg.cuda_graph_warmup_steps)
             if self.cuda_graphs else self.forward_backward
