@@ -18,8 +18,8 @@ fixed size, built on the device from the top-k expert ids:
                                        tokens ascending within an expert, which is megatron-
                                        core's own order (so results are the same), no sort
     permute:    out[row(t, j)] = x[t]  a gather; backward sums each token's k rows
-    unpermute:  y[t] = sum_j z[row(t, j)]  a gather and a sum over k (fp32 accumulation);
-                                       backward is a gather
+    unpermute:  y[t] = sum_j z[row(t, j)]  a sum over k (fp32 accumulation) of rows read in
+                                       place (one compiled kernel); backward is a gather
 
 With one rank in the expert group (no EP, no expert TP) the tokens after permutation are already
 grouped by expert: nothing is sorted and `tokens_per_expert` stays on the device (GroupedExperts
@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from megatron_bigmac.kernels import compiled, sum_token_rows
 
 
 class _PermutationPlan:
@@ -88,9 +90,8 @@ class _SumTokenRows(torch.autograd.Function):
 
 
 def _sum_token_rows(z: torch.Tensor, plan: _PermutationPlan) -> torch.Tensor:
-    num_tokens, topk = plan.token_rows.shape
-    rows = z.index_select(0, plan.token_rows.view(-1)).view(num_tokens, topk, z.size(-1))
-    return rows.sum(dim=1, dtype=torch.float32).to(z.dtype)
+    # One kernel on GPUs; symbolic sizes, as the row count varies under expert parallelism.
+    return compiled(sum_token_rows, dynamic=True)(z, plan.token_rows)
 
 
 class GatherAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
