@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron_bigmac.attention import SDPAttention
 from megatron_bigmac.config import BigMacConfig
 from megatron_bigmac.loss import vocab_parallel_cross_entropy
-from megatron_bigmac.moe import BigMacMoELayer, GroupedExperts, GroupedMoELayer
+from megatron_bigmac.moe import BigMacMoELayer, GroupedExperts, GroupedMoELayer, TopKRouter
 from megatron_bigmac.norm import FusedNorm
 
 
@@ -42,10 +42,14 @@ def get_moe_module_spec(
 
     pg_collection: the process groups; None takes megatron-core's global parallel_state.
     megatron-core 0.16's TransformerLayer hands groups only to layers it recognises by identity
-    (MoELayer itself), so these subclasses receive them through the spec's params."""
+    (MoELayer itself), so these subclasses receive them through the spec's params.
+
+    The router is megatron-core's TopKRouter with a tensor-core fp32 gating GEMM on GPUs
+    (megatron_bigmac.moe.router)."""
     layer = BigMacMoELayer if structure == "bigmac" else GroupedMoELayer
     params = {} if pg_collection is None else {"pg_collection": pg_collection}
-    return ModuleSpec(module=layer, params=params, submodules=MoESubmodules(experts=GroupedExperts))
+    return ModuleSpec(module=layer, params=params,
+                      submodules=MoESubmodules(experts=GroupedExperts, router=TopKRouter))
 
 
 def get_moe_gpt_layer_spec(

@@ -145,3 +145,55 @@ def _check_compiled_against_fp32(device: str, compile_fn) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
 def test_compiled_kernels_match_fp32_maths_in_bf16_on_gpu():
     _check_compiled_against_fp32("cuda", lambda fn, dynamic: kernels.compiled(fn, dynamic))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
+def test_compiled_sum_token_rows_matches_a_gather_and_sum_on_gpu():
+    """The MoE combine kernel (indirect loads, fp32 sum over k) against an explicit gather and
+    fp32 sum, for two token counts through the same dynamic kernel (they vary under EP)."""
+    torch.manual_seed(0)
+    fn = kernels.compiled(kernels.sum_token_rows, dynamic=True)
+    for tokens, topk, width in ((4096, 8, 192), (3000, 8, 192)):
+        z = torch.randn(tokens * topk, width, device="cuda").bfloat16()
+        token_rows = torch.randperm(tokens * topk, device="cuda").view(tokens, topk)
+        want = torch.stack([z.float()[token_rows[:, j]] for j in range(topk)]).sum(0)
+        got = fn(z, token_rows)
+        assert got.dtype == torch.bfloat16 and got.shape == (tokens, width)
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def compare_router_gating(rank, world, device="cuda"):
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.router import TopKRouter as MegatronTopKRouter
+
+    from megatron_bigmac.moe import TopKRouter
+
+    ps.initialize_model_parallel()
+    groups = get_default_pg_collection()
+    config = BigMacConfig(**{**TINY, "hidden_size": 768, "num_attention_heads": 12,
+                             "num_moe_experts": 64, "moe_router_topk": 8},
+                          moe_router_dtype="fp32", params_dtype=torch.bfloat16)
+    routers = [cls(config=config, pg_collection=groups).to(device).bfloat16()
+               for cls in (MegatronTopKRouter, TopKRouter)]
+    routers[1].load_state_dict(routers[0].state_dict())
+    assert routers[0].bias is not None  # add_bias_linear, megatron-core's default
+    x = torch.randn(1024, 2, 768, device=device).bfloat16()
+    grad = torch.randn(1024, 2, 64, device=device)
+    results = []
+    for router in routers:
+        leaf = x.clone().requires_grad_(True)
+        logits = router.gating(leaf)
+        logits.backward(grad)
+        results.append((logits, leaf.grad, router.weight.grad, router.bias.grad))
+    (want, want_dx, want_dw, want_db), (got, got_dx, got_dw, got_db) = results
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32 up to summation order
+    torch.testing.assert_close(got_dx, want_dx)  # the same backward
+    torch.testing.assert_close(got_dw, want_dw)
+    torch.testing.assert_close(got_db, want_db)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core gating is GPU-only")
+def test_router_gating_matches_megatron_fp32_gating_on_gpu():
+    run_distributed(compare_router_gating, 1, backend="nccl")

@@ -1,9 +1,10 @@
 """MoE layers: BigMac's low-dimension layer, the grouped experts shared by all structures, and
-the All-to-All token dispatcher they use."""
+the All-to-All token dispatcher and router they use."""
 
 from megatron_bigmac.moe.dispatcher import GatherAlltoAllTokenDispatcher
 from megatron_bigmac.moe.experts import GroupedExperts
 from megatron_bigmac.moe.layer import BigMacMoELayer, GroupedMoELayer, LatentProjection
+from megatron_bigmac.moe.router import TopKRouter
 
 __all__ = [
     "BigMacMoELayer",
@@ -11,4 +12,5 @@ __all__ = [
     "GroupedExperts",
     "GroupedMoELayer",
     "LatentProjection",
+    "TopKRouter",
 ]
