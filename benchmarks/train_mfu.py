@@ -14,6 +14,10 @@ run only, for variants of one config side by side:
     python benchmarks/train_mfu.py --out x.json configs/small/bigmac.yaml \
         configs/small/bigmac.yaml@layernorm_fusion=false,moe_activation_fusion=false
 
+``--baseline DIR`` also runs every config with the code of DIR, an earlier checkout (e.g.
+``git worktree add /tmp/base <commit>``), right after the current code's run of it, labelled
+``baseline:CONFIG``: a change measured against the code before it in one command.
+
 MFU is the runner's: model FLOPs of costs.training_flops_per_iteration (Megatron-LM's formula:
 matmuls only, backward = 2 x forward, no recomputation) over the step time and the 989 TFLOP/s
 bf16 peak of an H100/H200.
@@ -35,14 +39,17 @@ MOCK = ["mock_data=true", "train_data_path=[]", "valid_data_path=[]", "eval_iter
         "save=null", "save_interval=null"]
 
 
-def run_one(config: str, iters: int, log_interval: int, overrides, workdir: Path) -> list[dict]:
+def run_one(config: str, iters: int, log_interval: int, overrides, workdir: Path,
+            code: Path | None = None) -> list[dict]:
+    """``code``: the checkout whose megatron_bigmac trains (and whose copy of ``config`` is
+    used); None for this one. ``python -m`` imports from the working directory first."""
     log_dir = workdir / f"{Path(config).stem}_{time.monotonic_ns()}"
     command = [sys.executable, "-m", "megatron_bigmac.train", "--config", config, *MOCK,
                f"train_iters={iters}", f"log_interval={log_interval}",
                f"lr_warmup_iters={min(10, iters - 1)}", "lr_decay_iters=null",
                f"log_dir={log_dir}", *overrides]
     print("$", " ".join(command), flush=True)
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=code)
     if done.returncode:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise SystemExit(f"{config} failed (exit {done.returncode}):\n{tail}")
@@ -68,6 +75,7 @@ def write_report(args, overrides, results: dict) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "overrides": overrides,
+        "baseline": str(args.baseline) if args.baseline else None,
         "configs": {c: {"summary": summarize(r), "intervals": r} for c, r in results.items() if r},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -84,20 +92,29 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run (repeatable)")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="an earlier checkout: each config also runs with its code")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if args.baseline and not (args.baseline / "megatron_bigmac" / "train.py").is_file():
+        raise SystemExit(f"--baseline: {args.baseline} has no megatron_bigmac/train.py")
     overrides = args.set
     if args.iters // args.log_interval <= args.skip:
         raise SystemExit("--iters: too few iterations to keep an interval after --skip")
 
-    results = {name: [] for name in args.configs}
+    runs = [(entry, None) for entry in args.configs]
+    if args.baseline:
+        runs = [run for entry in args.configs
+                for run in ((entry, None), (f"baseline:{entry}", args.baseline.resolve()))]
+    results = {name: [] for name, _ in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
-            for entry in args.configs:
-                config, _, own = entry.partition("@")
+            for name, code in runs:
+                config, _, own = name.removeprefix("baseline:").partition("@")
                 run_overrides = overrides + [kv for kv in own.split(",") if kv]
-                records = run_one(config, args.iters, args.log_interval, run_overrides, Path(tmp))
-                results[entry] += records[args.skip:]
+                records = run_one(config, args.iters, args.log_interval, run_overrides, Path(tmp),
+                                  code)
+                results[name] += records[args.skip:]
                 # Written after every run: a time limit or a crash keeps what was measured.
                 report = write_report(args, overrides, results)
 

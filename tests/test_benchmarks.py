@@ -112,3 +112,30 @@ def test_trace_summary_splits_matmul_kernels_and_gives_the_mfu_ceiling(tmp_path)
                           capture_output=True, text=True, check=True)
     assert "matmul + attention kernels 0.5 ms (62%), everything else 0.3 ms" in done.stdout
     assert f"MFU ceiling at these matmul kernel times: {100 * 2e9 / 0.25e-3 / 989e12:.1f}%" in done.stdout
+
+
+def test_train_mfu_runs_each_config_with_the_current_and_the_baseline_code(tmp_path):
+    """--baseline DIR: each config also trains with DIR's megatron_bigmac (marked here so the
+    test can see which code ran), and both runs land in the JSON under their own labels."""
+    import shutil
+
+    baseline = tmp_path / "base"
+    shutil.copytree(ROOT / "megatron_bigmac", baseline / "megatron_bigmac",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "configs", baseline / "configs")
+    with open(baseline / "megatron_bigmac" / "__init__.py", "a") as f:
+        f.write("\n__import__('pathlib').Path(__file__).with_name('IMPORTED').touch()\n")
+    out = tmp_path / "mfu.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_mfu.py"), "configs/tiny/bigmac.yaml",
+         "--baseline", str(baseline), "--iters", "4", "--log-interval", "1", "--skip", "1",
+         "--set", "expert_model_parallel_size=1", "--set", "num_workers=0", "--out", str(out)],
+        check=True, cwd=ROOT, capture_output=True, timeout=300,
+    )
+    report = json.loads(out.read_text())
+    assert list(report["configs"]) == ["configs/tiny/bigmac.yaml",
+                                       "baseline:configs/tiny/bigmac.yaml"]
+    for entry in report["configs"].values():
+        assert entry["summary"]["intervals"] == 3 and entry["summary"]["tokens_per_s"] > 0
+    assert (baseline / "megatron_bigmac" / "IMPORTED").exists()
+    assert not (ROOT / "megatron_bigmac" / "IMPORTED").exists()
