@@ -125,6 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "data_path": [], "train_data_path": [], "valid_data_path": [], "save": None,
               "load": None, "save_interval": None, "use_distributed_optimizer": None,
               "use_cpu_initialization": None, "eval_iters": 0,
+              # Evaluation is eager (CUDA graphs replay training steps only), on any device.
+              "cuda_graph_impl": "none",
               # The vocabulary was padded for the TRAINING tensor-parallel size; keep that padding
               # (the embedding's shape) although this run uses TP=1.
               "make_vocab_size_divisible_by": saved.get("make_vocab_size_divisible_by", 128)

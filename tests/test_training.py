@@ -127,32 +127,62 @@ def test_resume_repeats_the_uninterrupted_run(cache, tmp_path, bigmac_run):
     assert losses == {s: reference[s] for s in range(16, 31)}
 
 
+def _train_tiny_bigmac_on_gpu(cache, out, *extra):
+    """12 steps of tiny BigMac on one GPU in bf16; its metrics.jsonl records."""
+    env = dict(os.environ, MEGATRON_BIGMAC_CACHE=str(cache), CUDA_VISIBLE_DEVICES="0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+           "-m", "megatron_bigmac.train", "--config", str(TINY / "bigmac.yaml"), *COMMON,
+           "expert_model_parallel_size=1", "bf16=true", "train_iters=12", "eval_interval=6",
+           f"log_dir={out}", *extra]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_records(got_records, want_records, steps=None):
+    """Losses, aux losses and evaluations of two runs within 2e-3 (bf16; the same kernels in
+    the same order: a replay that reused a stale batch or RNG state moves the loss far more)."""
+    for kind, key in (("train", "lm_loss"), ("train", "aux_loss"), ("eval", "lm_loss")):
+        want = {r["step"]: r[key] for r in want_records if r["kind"] == kind
+                and (steps is None or r["step"] in steps)}
+        got = {r["step"]: r[key] for r in got_records if r["kind"] == kind}
+        assert sorted(got) == sorted(want) and len(want) >= 1, (kind, key, sorted(got))
+        for step in want:
+            assert got[step] == pytest.approx(want[step], abs=2e-3), (kind, key, step)
+
+
+GRAPHS = ("cuda_graph_impl=local", "cuda_graph_warmup_steps=3")
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU (runs on the device)")
 def test_cuda_graph_steps_repeat_the_eager_run(cache, tmp_path):
     """cuda_graph_impl=local on one GPU: 3 eager steps, the capture, then replays. With dropout
-    on, the losses, aux losses and evaluations equal an eager run's (bf16, tolerance 2e-3
-    absolute: the same kernels in the same order; a replay that reused a stale batch or RNG
-    state would move the loss by far more)."""
-    def run(out, *extra):
-        env = dict(os.environ, MEGATRON_BIGMAC_CACHE=str(cache), CUDA_VISIBLE_DEVICES="0")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-               "-m", "megatron_bigmac.train", "--config", str(TINY / "bigmac.yaml"), *COMMON,
-               "expert_model_parallel_size=1", "bf16=true", "train_iters=12", "eval_interval=6",
-               f"log_dir={out}", *extra]
-        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-    eager = run(tmp_path / "eager")
-    graph = run(tmp_path / "graph", "cuda_graph_impl=local", "cuda_graph_warmup_steps=3")
-    for kind, key in (("train", "lm_loss"), ("train", "aux_loss"), ("eval", "lm_loss")):
-        want = {r["step"]: r[key] for r in eager if r["kind"] == kind}
-        got = {r["step"]: r[key] for r in graph if r["kind"] == kind}
-        assert sorted(got) == sorted(want) and len(want) >= 3, (kind, key)
-        for step in want:
-            assert got[step] == pytest.approx(want[step], abs=2e-3), (kind, key, step)
+    on, the losses, aux losses and evaluations equal an eager run's."""
+    eager = _train_tiny_bigmac_on_gpu(cache, tmp_path / "eager")
+    graph = _train_tiny_bigmac_on_gpu(cache, tmp_path / "graph", *GRAPHS)
+    _assert_same_records(graph, eager)
     train_losses = [r["lm_loss"] for r in graph if r["kind"] == "train"]
+    assert len(train_losses) == 12
     assert len(set(train_losses)) == len(train_losses)  # every replay saw a new batch
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU (runs on the device)")
+def test_cuda_graph_run_saves_and_resumes(cache, tmp_path):
+    """A graph run saves at step 6 (after its capture); a graph run resumed from that checkpoint
+    (3 eager steps, a capture of its own, replays) repeats steps 7-12 of the uninterrupted one.
+    Its checkpoint evaluates on a machine without a GPU (evaluation is eager)."""
+    full = tmp_path / "full"
+    reference = _train_tiny_bigmac_on_gpu(cache, full, *GRAPHS, f"save={full}", "save_interval=6")
+    resumed = _train_tiny_bigmac_on_gpu(cache, tmp_path / "resumed", *GRAPHS,
+                                        f"load={full / 'iter_0000006'}")
+    _assert_same_records(resumed, reference, steps=range(7, 13))
+    env = dict(os.environ, MEGATRON_BIGMAC_CACHE=str(cache), CUDA_VISIBLE_DEVICES="")
+    wikitext = ROOT / "megatron_bigmac" / "assets" / "sample" / "wikitext-2-raw-v1-test.articles.jsonl.gz"
+    r = subprocess.run([sys.executable, "-m", "megatron_bigmac.evaluate", "--load", str(full),
+                        "--data", str(wikitext), "--max-tokens", "2048", "--json"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["checkpoint"].endswith("iter_0000012")
 
 
 def test_cuda_graphs_are_rejected_where_a_step_waits_for_the_host():
@@ -369,6 +399,7 @@ def test_shipped_configs_parse():
         assert (cfg.moe_structure, cfg.expert_model_parallel_size) == (structure, 2)
         small = load(ROOT / "configs" / "small" / f"{structure}.yaml", world_size=1, cuda=True)
         assert (small.num_layers, small.hidden_size, small.bf16) == (12, 768, True)
+        assert small.cuda_graph_impl == "local"  # one-GPU runs replay CUDA graphs
     # The BigMac variants of docs/reports/small-enwiki-1200-latent.
     r05 = load(ROOT / "configs" / "small" / "bigmac_r05.yaml", world_size=1, cuda=True)
     assert (r05.moe_structure, r05.moe_low_rank_ratio, r05.moe_ffn_hidden_size) == ("bigmac", 0.5, 384)
