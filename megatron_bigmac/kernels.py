@@ -4,8 +4,8 @@ torch.compile turns into one kernel each way on GPUs, and that run eagerly (same
 What they replace, measured on one H100 (configs/small, 32 k tokens per micro-batch): PyTorch's
 eager LayerNorm backward (two kernels, ~350 us per call at [32 k, 768] bf16, 50 calls per step)
 and the experts' activation, gate weighting and casts (a pass over the expert rows each), and
-the MoE combine's gather of each token's k expert rows followed by their sum (a [T * k, d] copy
-written and read back).
+the MoE permutation's row gathers and the combine's gather of each token's k expert rows
+followed by their sum (a [T * k, d] copy written and read back).
 """
 
 from __future__ import annotations
@@ -50,12 +50,17 @@ def activate_and_scale_rows(x: torch.Tensor, probs: torch.Tensor,
     return (activation(x) * probs.unsqueeze(-1)).to(x.dtype)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` along the first dimension. Compiled it is one pointwise kernel with indirect
+    loads; eager ``index_select`` reached ~0.7 TB/s on [256 k, 192] bf16 rows on an H100."""
+    return x[index]
+
+
 def sum_token_rows(z: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
     """``y[t] = sum_j z[token_rows[t, j]]``, accumulated in fp32, in ``z``'s dtype. Compiled, the
     rows are read where they lie (indirect loads) instead of gathered into a copy first; the
-    sum over the k rows is unrolled, so it compiles to a pointwise kernel over ``y`` (as a
-    reduction over k it measured 0.21 ms per call at [32 k x 8, 192] on an H100, a quarter of
-    the bandwidth)."""
+    sum over the k rows is unrolled, so it compiles to a pointwise kernel over ``y``. On an H100
+    at [32 k x 8, 192] bf16: 84 us; as a reduction over k 212 us, eager gather + sum 228 us."""
     total = z[token_rows[:, 0]].float()
     for j in range(1, token_rows.size(1)):
         total = total + z[token_rows[:, j]].float()

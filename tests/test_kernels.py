@@ -148,16 +148,21 @@ def test_compiled_kernels_match_fp32_maths_in_bf16_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
-def test_compiled_sum_token_rows_matches_a_gather_and_sum_on_gpu():
-    """The MoE combine kernel (indirect loads, fp32 sum over k) against an explicit gather and
-    fp32 sum, for two token counts through the same dynamic kernel (they vary under EP)."""
+def test_compiled_row_gathers_match_index_select_on_gpu():
+    """The MoE permutation kernels (indirect loads): the row gather equals index_select exactly,
+    the combine's sum of each token's k rows an explicit fp32 sum; two token counts through the
+    same dynamic kernels (they vary under EP)."""
     torch.manual_seed(0)
-    fn = kernels.compiled(kernels.sum_token_rows, dynamic=True)
+    gather = kernels.compiled(kernels.gather_rows, dynamic=True)
+    sum_rows = kernels.compiled(kernels.sum_token_rows, dynamic=True)
     for tokens, topk, width in ((4096, 8, 192), (3000, 8, 192)):
+        x = torch.randn(tokens, width, device="cuda").bfloat16()
+        rows_token = torch.randint(0, tokens, (tokens * topk,), device="cuda")
+        assert torch.equal(gather(x, rows_token), x.index_select(0, rows_token))
         z = torch.randn(tokens * topk, width, device="cuda").bfloat16()
         token_rows = torch.randperm(tokens * topk, device="cuda").view(tokens, topk)
         want = torch.stack([z.float()[token_rows[:, j]] for j in range(topk)]).sum(0)
-        got = fn(z, token_rows)
+        got = sum_rows(z, token_rows)
         assert got.dtype == torch.bfloat16 and got.shape == (tokens, width)
         torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
 

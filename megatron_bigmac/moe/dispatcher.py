@@ -17,7 +17,8 @@ fixed size, built on the device from the top-k expert ids:
                                        second term a cumsum down the routing map: expert-major,
                                        tokens ascending within an expert, which is megatron-
                                        core's own order (so results are the same), no sort
-    permute:    out[row(t, j)] = x[t]  a gather; backward sums each token's k rows
+    permute:    out[row(t, j)] = x[t]  a gather (one compiled kernel); backward sums each
+                                       token's k rows
     unpermute:  y[t] = sum_j z[row(t, j)]  a sum over k (fp32 accumulation) of rows read in
                                        place (one compiled kernel); backward is a gather
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from megatron_bigmac.kernels import compiled, sum_token_rows
+from megatron_bigmac.kernels import compiled, gather_rows, sum_token_rows
 
 
 class _PermutationPlan:
@@ -68,7 +69,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, plan: _PermutationPlan):
         ctx.plan = plan
-        return x.index_select(0, plan.rows_token)
+        return _gather_rows(x, plan.rows_token)
 
     @staticmethod
     def backward(ctx, grad):
@@ -86,11 +87,15 @@ class _SumTokenRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.index_select(0, ctx.plan.rows_token), None
+        return _gather_rows(grad, ctx.plan.rows_token), None
+
+
+# One kernel each on GPUs; symbolic sizes, as row counts vary under expert parallelism.
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return compiled(gather_rows, dynamic=True)(x, index)
 
 
 def _sum_token_rows(z: torch.Tensor, plan: _PermutationPlan) -> torch.Tensor:
-    # One kernel on GPUs; symbolic sizes, as the row count varies under expert parallelism.
     return compiled(sum_token_rows, dynamic=True)(z, plan.token_rows)
 
 
