@@ -176,13 +176,7 @@ def test_cuda_graph_run_saves_and_resumes(cache, tmp_path):
     resumed = _train_tiny_bigmac_on_gpu(cache, tmp_path / "resumed", *GRAPHS,
                                         f"load={full / 'iter_0000006'}")
     _assert_same_records(resumed, reference, steps=range(7, 13))
-    env = dict(os.environ, MEGATRON_BIGMAC_CACHE=str(cache), CUDA_VISIBLE_DEVICES="")
-    wikitext = ROOT / "megatron_bigmac" / "assets" / "sample" / "wikitext-2-raw-v1-test.articles.jsonl.gz"
-    r = subprocess.run([sys.executable, "-m", "megatron_bigmac.evaluate", "--load", str(full),
-                        "--data", str(wikitext), "--max-tokens", "2048", "--json"],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1])["checkpoint"].endswith("iter_0000012")
+    assert evaluate_on_cpu(cache, full, max_tokens=2048)["checkpoint"].endswith("iter_0000012")
 
 
 def test_cuda_graphs_are_rejected_where_a_step_waits_for_the_host():
@@ -300,15 +294,21 @@ def test_logged_aux_loss_is_megatron_cores_tracked_mean(cache, tmp_path):
         assert logged[step] == pytest.approx(sum(losses) / len(losses), rel=1e-6), step
 
 
-def test_evaluate_cli_gives_perplexity_on_wikitext(cache, bigmac_run):
-    out, _, evals, _ = bigmac_run
+def evaluate_on_cpu(cache, load: Path, max_tokens: int) -> dict:
+    """`python -m megatron_bigmac.evaluate --json` of checkpoint ``load`` on WikiText-2 test,
+    without a GPU; its result line."""
     env = dict(os.environ, MEGATRON_BIGMAC_CACHE=str(cache), CUDA_VISIBLE_DEVICES="")
     wikitext = ROOT / "megatron_bigmac" / "assets" / "sample" / "wikitext-2-raw-v1-test.articles.jsonl.gz"
-    r = subprocess.run([sys.executable, "-m", "megatron_bigmac.evaluate", "--load", str(out),
-                        "--data", str(wikitext), "--max-tokens", "8192", "--json"],
+    r = subprocess.run([sys.executable, "-m", "megatron_bigmac.evaluate", "--load", str(load),
+                        "--data", str(wikitext), "--max-tokens", str(max_tokens), "--json"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_evaluate_cli_gives_perplexity_on_wikitext(cache, bigmac_run):
+    out, _, evals, _ = bigmac_run
+    result = evaluate_on_cpu(cache, out, max_tokens=8192)
     assert result["tokens"] == 8191 and result["checkpoint"].endswith("iter_0000030")
     # Trained for 30 iterations: far below the untrained model's perplexity.
     assert result["perplexity"] < math.exp(evals[0] - VAL_LOSS_MARGIN)
