@@ -60,7 +60,8 @@ SCHEDULE_KEYS = (
 #: files move): a change is reported, not refused.
 CHANGEABLE_KEYS = (
     "train_iters", "exit_interval", "exit_duration_in_mins", "data_path", "train_data_path",
-    "mock_data", "clip_grad", "hidden_dropout", "attention_dropout", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_expert_capacity_factor",
+    "mock_data", "clip_grad", "hidden_dropout", "attention_dropout", "moe_aux_loss_coeff",
+    "moe_z_loss_coeff", "moe_expert_capacity_factor",
 )
 
 
