@@ -5,7 +5,8 @@
 
 Every transformer layer is attention + an MoE layer of `config.moe_structure`; only megatron-core
 and PyTorch modules are used (no transformer-engine needed): megatron-core's local attention
-projections and norms, SDPA core attention, GroupedExperts, and BigMacMoELayer for BigMac.
+projections and norms, SDPA core attention and a QKV projection with its bias in the GEMM
+epilogue (megatron_bigmac.attention), GroupedExperts, and BigMacMoELayer for BigMac.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from megatron_bigmac.attention import SDPAttention
+from megatron_bigmac.attention import QKVLinear, SDPAttention
 from megatron_bigmac.config import BigMacConfig
 from megatron_bigmac.loss import vocab_parallel_cross_entropy
 from megatron_bigmac.moe import BigMacMoELayer, GroupedExperts, GroupedMoELayer, TopKRouter
@@ -73,7 +74,8 @@ def get_moe_gpt_layer_spec(
     if attention == "sdpa":
         self_attention = dataclasses.replace(
             self_attention,
-            submodules=dataclasses.replace(self_attention.submodules, core_attention=SDPAttention),
+            submodules=dataclasses.replace(self_attention.submodules, core_attention=SDPAttention,
+                                           linear_qkv=QKVLinear),
         )
     submodules = dataclasses.replace(
         spec.submodules,

@@ -190,6 +190,7 @@ def compare_sdpa_with_local_attention(rank, world):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from megatron_bigmac.attention import QKVLinear
     from megatron_bigmac.specs import build_gpt_model
 
     ps.initialize_model_parallel()
@@ -206,9 +207,13 @@ def compare_sdpa_with_local_attention(rank, world):
         out = model(tokens, positions, causal)
         out.float().pow(2).mean().backward()
         logits[attention] = out.detach()
-        grads[attention] = model.decoder.layers[0].self_attention.linear_qkv.weight.grad
+        qkv = model.decoder.layers[0].self_attention.linear_qkv
+        assert isinstance(qkv, QKVLinear) == (attention == "sdpa")
+        assert qkv.bias is not None  # add_bias_linear: the epilogue path is the one taken
+        grads[attention] = (qkv.weight.grad, qkv.bias.grad)
     torch.testing.assert_close(logits["sdpa"], logits["local"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grads["sdpa"], grads["local"], rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads["sdpa"], grads["local"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     ps.destroy_model_parallel()
 
 
