@@ -5,8 +5,7 @@ What they replace, measured on one H100 (configs/small, 32 k tokens per micro-ba
 eager LayerNorm backward (two kernels, ~350 us per call at [32 k, 768] bf16, 50 calls per step)
 and the experts' activation, gate weighting and casts (a pass over the expert rows each), and
 the MoE permutation's row gathers and the combine's gather of each token's k expert rows
-followed by their sum (a [T * k, d] copy written and read back), with the gate weights applied
-in the same pass where the dispatcher does it.
+followed by their sum (a [T * k, d] copy written and read back).
 """
 
 from __future__ import annotations
@@ -66,23 +65,3 @@ def sum_token_rows(z: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
     for j in range(1, token_rows.size(1)):
         total = total + z[token_rows[:, j]].float()
     return total.to(z.dtype)
-
-
-def weighted_sum_token_rows(z: torch.Tensor, token_rows: torch.Tensor,
-                            weights: torch.Tensor) -> torch.Tensor:
-    """``y[t] = sum_j weights[t, j] * z[token_rows[t, j]]``, accumulated in fp32, in ``z``'s
-    dtype: the combine with the gate weights applied in the same pass (unrolled like
-    sum_token_rows), instead of a separate pass scaling every expert row first."""
-    total = z[token_rows[:, 0]].float() * weights[:, 0:1]
-    for j in range(1, token_rows.size(1)):
-        total = total + z[token_rows[:, j]].float() * weights[:, j:j + 1]
-    return total.to(z.dtype)
-
-
-def weighted_sum_token_rows_backward(grad: torch.Tensor, z: torch.Tensor,
-                                     rows_token: torch.Tensor, row_weights: torch.Tensor):
-    """weighted_sum_token_rows' backward, per row r of token t = rows_token[r]:
-    ``dz[r] = row_weights[r] * grad[t]`` (in ``z``'s dtype) and ``dw[r] = <z[r], grad[t]>``
-    (fp32). Compiled, both come out of one kernel over the rows."""
-    g = grad[rows_token].float()
-    return (g * row_weights.unsqueeze(-1)).to(z.dtype), (g * z.float()).sum(-1)

@@ -44,24 +44,12 @@ def _round_trip(dispatcher, tokens, routing_map, probs, expert_weight):
     x, p = dispatcher.token_dispatch(x, p)
     x, counts, p = dispatcher.dispatch_postprocess(x, p)
     expert = torch.repeat_interleave(torch.arange(len(counts)), counts.to(torch.long).cpu())
-    y = torch.einsum("nd,nde->ne", x, expert_weight[expert])
-    if p is not None:  # else the dispatcher weights its combine
-        y = y * p.unsqueeze(-1)
+    y = torch.einsum("nd,nde->ne", x, expert_weight[expert]) * p.unsqueeze(-1)
     y = dispatcher.combine_preprocess(y)
     y = dispatcher.token_combine(y)
     out = dispatcher.combine_postprocess(y)
     (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
-    p = p.detach() if p is not None else None
-    return out.detach(), x.detach(), p, counts.cpu(), tokens.grad, probs.grad
-
-
-def _refuse_host_syncs():
-    def refuse(*args, **kwargs):
-        raise AssertionError("host copy or chunk sort on one rank")
-
-    mcore_dispatcher.sort_chunks_by_idxs = refuse
-    mcore_dispatcher.maybe_move_tensor_to_cpu = refuse
-    torch.Tensor.masked_select = refuse
+    return out.detach(), x.detach(), p.detach(), counts.cpu(), tokens.grad, probs.grad
 
 
 def compare_with_megatron(rank, world, check_no_sync):
@@ -76,12 +64,16 @@ def compare_with_megatron(rank, world, check_no_sync):
 
     ours = GatherAlltoAllTokenDispatcher(local, indices, config=config, pg_collection=pg)
     stock = MoEAlltoAllTokenDispatcher(local, indices, config=config, pg_collection=pg)
-    assert not ours.weighted_combine  # Fine-Grained: the experts weight their narrow hidden rows
     expected = _round_trip(stock, tokens, routing_map, probs, weight)
 
     if check_no_sync:
         # One rank: tokens are already grouped by expert and nothing needs host values.
-        _refuse_host_syncs()
+        def refuse(*args, **kwargs):
+            raise AssertionError("host copy or chunk sort on one rank")
+
+        mcore_dispatcher.sort_chunks_by_idxs = refuse
+        mcore_dispatcher.maybe_move_tensor_to_cpu = refuse
+        torch.Tensor.masked_select = refuse
     got = _round_trip(ours, tokens, routing_map, probs, weight)
     for name, a, b in zip(("output", "expert input", "expert probs", "counts", "token grad",
                            "probs grad"), got, expected):
@@ -94,33 +86,6 @@ def test_one_rank_matches_megatron_without_host_sync():
 
 def test_ep2_matches_megatron():
     run_distributed(compare_with_megatron, 2, False)
-
-
-def compare_weighted_combine_with_megatron(rank, world):
-    """BigMac on one rank: the gate weights are applied in the combine, not given to the
-    experts; output and gradients equal megatron-core's (experts scaling their rows)."""
-    ps.initialize_model_parallel()
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    config = _config(1, moe_structure="bigmac")
-    experts = list(range(NUM_EXPERTS))
-    ours = GatherAlltoAllTokenDispatcher(NUM_EXPERTS, experts, config=config, pg_collection=pg)
-    stock = MoEAlltoAllTokenDispatcher(NUM_EXPERTS, experts, config=config, pg_collection=pg)
-    assert ours.weighted_combine
-    torch.manual_seed(0)
-    weight = torch.randn(NUM_EXPERTS, WIDTH, WIDTH)
-    tokens, routing_map, probs = _routing(2, rank)
-    expected = _round_trip(stock, tokens, routing_map, probs, weight)
-    _refuse_host_syncs()
-    got = _round_trip(ours, tokens, routing_map, probs, weight)
-    assert got[2] is None  # the experts get no probabilities
-    for name, i in (("output", 0), ("expert input", 1), ("counts", 3), ("token grad", 4),
-                    ("probs grad", 5)):
-        torch.testing.assert_close(got[i], expected[i], rtol=1e-5, atol=1e-5, msg=name)
-    assert expected[5].abs().sum() > 0
-
-
-def test_one_rank_weighted_combine_matches_megatron():
-    run_distributed(compare_weighted_combine_with_megatron, 1)
 
 
 def stock_path_with_capacity(rank, world):

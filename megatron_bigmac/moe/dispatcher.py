@@ -21,11 +21,6 @@ fixed size, built on the device from the top-k expert ids:
                                        token's k rows
     unpermute:  y[t] = sum_j z[row(t, j)]  a sum over k (fp32 accumulation) of rows read in
                                        place (one compiled kernel); backward is a gather
-    weighted:   y[t] = sum_j p[t, j] z[row(t, j)]   on one rank when the expert rows are no
-                                       wider than the experts' hidden layer (BigMac: r*h rows,
-                                       h_f hidden; Vanilla): the gate weights are applied in the
-                                       combine's pass instead of a pass of their own over the
-                                       expert output (GroupedExperts gets no probabilities)
 
 With one rank in the expert group (no EP, no expert TP) the tokens after permutation are already
 grouped by expert: nothing is sorted and `tokens_per_expert` stays on the device (GroupedExperts
@@ -40,13 +35,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from megatron_bigmac.kernels import (
-    compiled,
-    gather_rows,
-    sum_token_rows,
-    weighted_sum_token_rows,
-    weighted_sum_token_rows_backward,
-)
+from megatron_bigmac.kernels import compiled, gather_rows, sum_token_rows
 
 
 class _PermutationPlan:
@@ -101,28 +90,6 @@ class _SumTokenRows(torch.autograd.Function):
         return _gather_rows(grad, ctx.plan.rows_token), None
 
 
-class _WeightedSumTokenRows(torch.autograd.Function):
-    """y[t] = sum over token t's k rows of weights[t, j] * z[row]. Backward: each row gets its
-    token's gradient times its weight, each weight the dot product of its row with that
-    gradient (one kernel, no atomics)."""
-
-    @staticmethod
-    def forward(ctx, z, weights, plan: _PermutationPlan):
-        ctx.plan = plan
-        ctx.save_for_backward(z, weights)
-        return compiled(weighted_sum_token_rows, dynamic=True)(z, plan.token_rows, weights)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, weights = ctx.saved_tensors
-        plan = ctx.plan
-        row_weights = weights.new_empty(plan.rows_token.shape)
-        row_weights[plan.token_rows.view(-1)] = weights.view(-1)
-        grad_z, grad_row_weights = compiled(weighted_sum_token_rows_backward, dynamic=True)(
-            grad, z, plan.rows_token, row_weights)
-        return grad_z, grad_row_weights[plan.token_rows].to(weights.dtype), None
-
-
 # One kernel each on GPUs; symbolic sizes, as row counts vary under expert parallelism.
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return compiled(gather_rows, dynamic=True)(x, index)
@@ -148,15 +115,7 @@ class GatherAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         )
         # One rank holds every expert: permutation 1 already groups tokens by expert.
         self.single_rank = self.ep_size * self.tp_size == 1 and self.gather_permute
-        # The gate weights go into the combine (see the module docstring) where the rows the
-        # experts return are no wider than their hidden layer, and nothing needs them earlier.
-        self.weighted_combine = (
-            self.single_rank
-            and not config.moe_apply_probs_on_input
-            and config.moe_token_width <= config.moe_ffn_hidden_size
-        )
         self._plan = None
-        self._combine_weights = None
 
     def _use_plan(self) -> bool:
         return self.gather_permute and self.shared_experts is None
@@ -178,18 +137,9 @@ class GatherAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
             "before_permutation_1", self.tokens_per_expert
         )
-        token_probs = probs.gather(1, plan.expert_ids)  # [T, k], each token's k gate weights
-        if self.weighted_combine:
-            self._combine_weights = token_probs
-            return _GatherRows.apply(hidden_states, plan), None
         permuted_probs = probs.new_empty(plan.rows_token.shape)
-        permuted_probs[plan.token_rows.view(-1)] = token_probs.view(-1)
+        permuted_probs[plan.token_rows.view(-1)] = probs.gather(1, plan.expert_ids).view(-1)
         return _GatherRows.apply(hidden_states, plan), permuted_probs
-
-    def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
-        if permuted_probs is None:  # weighted combine, one rank: nothing to send
-            return permutated_local_input_tokens, None
-        return super().token_dispatch(permutated_local_input_tokens, permuted_probs)
 
     def dispatch_postprocess(self, global_input_tokens, global_probs):
         if not (self.single_rank and self._use_plan()):
@@ -212,10 +162,6 @@ class GatherAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     def combine_postprocess(self, permutated_local_input_tokens):
         if not self._use_plan():
             return super().combine_postprocess(permutated_local_input_tokens)
-        if self._combine_weights is not None:
-            output = _WeightedSumTokenRows.apply(permutated_local_input_tokens,
-                                                 self._combine_weights, self._plan)
-        else:
-            output = _SumTokenRows.apply(permutated_local_input_tokens, self._plan)
-        self._plan = self._combine_weights = None
+        output = _SumTokenRows.apply(permutated_local_input_tokens, self._plan)
+        self._plan = None
         return output.view(self.hidden_shape)

@@ -87,8 +87,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
 
 class GroupedExperts(MegatronModule):
     """The local experts of one MoE layer, megatron-core's experts interface:
-    ``forward(permuted_tokens, tokens_per_expert, permuted_probs) -> (output, None)``;
-    ``permuted_probs`` None: the outputs unweighted (the dispatcher weights its combine)."""
+    ``forward(permuted_tokens, tokens_per_expert, permuted_probs) -> (output, None)``."""
 
     def __init__(
         self,
@@ -178,15 +177,12 @@ class GroupedExperts(MegatronModule):
         permuted_probs: torch.Tensor,
     ):
         counts = tokens_per_expert.to(torch.long)
-        w1 = self.weight1.flatten(1, 2)  # [experts, G * f_local, d]
-        if permuted_probs is None:  # the dispatcher applies the gate weights in its combine
-            hidden = grouped_linear(permuted_tokens, w1, counts)
-            return grouped_linear(self.activation(hidden), self.weight2, counts), None
         if self.config.moe_apply_probs_on_input:
             permuted_tokens = (permuted_probs.unsqueeze(-1) * permuted_tokens).to(
                 permuted_tokens.dtype
             )
             permuted_probs = torch.ones_like(permuted_probs)
+        w1 = self.weight1.flatten(1, 2)  # [experts, G * f_local, d]
         hidden = grouped_linear(permuted_tokens, w1, counts)
         # Gate weights p_i(x) scale each expert's output. The second matrix is linear and
         # bias-free, so they may scale its input (megatron-core's choice) or its output: scale
