@@ -72,7 +72,7 @@ class _Bf16InputGatingLinear(RouterGatingLinearFunction):
 
 
 class TopKRouter(mcore_router.TopKRouter):
-    """megatron-core's TopKRouter; its fp32 gating of a bf16 input on a GPU runs on tensor cores,
+    """megatron-core's TopKRouter; its fp32 gating of bf16 inputs on a GPU runs on tensor cores,
     and its aux losses reuse the dispatch top-k where that is the same selection (module
     docstring). Every other case is megatron-core's unchanged."""
 
@@ -80,7 +80,7 @@ class TopKRouter(mcore_router.TopKRouter):
         if (
             input.is_cuda
             and self.config.moe_router_dtype == "fp32"
-            and input.dtype in (torch.bfloat16, torch.float16)
+            and input.dtype == torch.bfloat16  # the backward splits into bf16 halves
             and self.weight.dtype == input.dtype
         ):
             return _Bf16InputGatingLinear.apply(input, self.weight, self.bias, torch.float32)
