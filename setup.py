@@ -23,6 +23,8 @@ setup(
     extras_require={
         "data": ["datasets", "tokenizers"],
         "report": ["matplotlib"],
-        "test": ["pytest"],
+        # triton: its interpreter runs the experts' Triton kernel on CPUs (tests/test_fused_mlp.py);
+        # CUDA builds of torch bring their own.
+        "test": ["pytest", "triton"],
     },
 )

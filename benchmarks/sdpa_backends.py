@@ -15,29 +15,16 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import forward_backward_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
 
-def timed(q, k, v, dropout_p, calls=20):
+def timed(q, k, v, dropout_p):
     run = lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    grad = torch.randn_like(run())
-    for _ in range(3):
-        run().backward(grad)
-    torch.cuda.synchronize()
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-    forward = backward = 0.0
-    for _ in range(calls):
-        events[0].record()
-        out = run()
-        events[1].record()
-        out.backward(grad)
-        events[2].record()
-        torch.cuda.synchronize()
-        forward += events[0].elapsed_time(events[1])
-        backward += events[1].elapsed_time(events[2])
-    return forward / calls, backward / calls
+    forward, backward, _ = forward_backward_ms(run, torch.randn_like(run()))
+    return forward, backward
 
 
 def main():

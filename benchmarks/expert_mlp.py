@@ -1,0 +1,104 @@
+"""The experts of one MoE layer on one GPU, forward + backward, in the ways the code can run them,
+at the small configs' shapes per micro-batch and layer (32 k tokens, bf16):
+
+  torch ops          GroupedExperts without fusions: torch._grouped_mm GEMMs, eager GELU and gate
+                     scaling
+  compiled scaling   GroupedExperts with moe_activation_fusion but the GELU as its own pass
+                     (the code before the GELU went into the GEMMs)
+  GELU in the GEMMs  GroupedExperts as configured by default: the Triton grouped GEMM with the GELU
+                     in its epilogue (BigMac and Vanilla; Fine-Grained's GELU stays fused with its
+                     gate scaling)
+  torch.compile      GroupedExperts without fusions, whole forward under torch.compile
+  max-autotune       the same, mode="max-autotune-no-cudagraphs" (inductor's Triton grouped-GEMM
+                     templates; minutes of autotuning per structure, only with --autotune)
+
+    python benchmarks/expert_mlp.py > benchmarks/results/train_mfu/h100_expert_mlp.txt
+
+Mean of 20 calls after 3 warm-up calls (benchmarks/cuda_timing.py). Each variant's output and
+input gradient are compared with the first's (relative norm of the difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import megatron_bigmac.config  # noqa: F401  (applies the megatron-core compat shims)
+from cuda_timing import forward_backward_ms
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron_bigmac.config import BigMacConfig
+from megatron_bigmac.moe.experts import GroupedExperts
+
+# (experts, top-k) of configs/small/*.yaml
+STRUCTURES = {"bigmac": (64, 8), "fine_grained": (64, 8), "vanilla": (4, 2)}
+
+
+def experts_module(structure: str, hidden: int, fusion: bool, gelu_in_gemm: bool):
+    experts, topk = STRUCTURES[structure]
+    config = BigMacConfig(num_layers=1, hidden_size=hidden, num_attention_heads=12,
+                          moe_structure=structure, num_moe_experts=experts, moe_router_topk=topk,
+                          moe_low_rank_ratio=0.25, bf16=True, params_dtype=torch.bfloat16,
+                          moe_activation_fusion=fusion)
+    torch.manual_seed(0)
+    module = GroupedExperts(experts, config).cuda()
+    module._gelu_in_gemm = gelu_in_gemm
+    return module, config
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("structures", nargs="*", choices=list(STRUCTURES),
+                   help="default: all three")
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--autotune", action="store_true", help="add the max-autotune row (minutes)")
+    args = p.parse_args()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29534")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    ps.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    variants = [  # label, moe_activation_fusion, GELU in the GEMMs, torch.compile mode
+        ("torch ops", False, False, None),
+        ("compiled scaling", True, False, None),
+        ("GELU in the GEMMs", True, True, None),
+        ("torch.compile", False, False, "default"),
+    ] + ([("max-autotune", False, False, "max-autotune-no-cudagraphs")] if args.autotune else [])
+    for structure in args.structures or list(STRUCTURES):
+        experts, topk = STRUCTURES[structure]
+        rows = args.tokens * topk
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        picks = torch.randn(args.tokens, experts, device="cuda", generator=generator).topk(topk, -1)
+        counts = torch.bincount(picks.indices.view(-1), minlength=experts)
+        probs = torch.rand(rows, device="cuda", generator=generator)
+        module, config = experts_module(structure, args.hidden, False, False)
+        d, f = config.moe_token_width, config.moe_ffn_hidden_size
+        tokens = (0.5 * torch.randn(rows, d, device="cuda", generator=generator)).bfloat16()
+        grad = torch.randn(rows, d, device="cuda", generator=generator).bfloat16()
+        reference = None
+        for label, fusion, gelu_in_gemm, mode in variants:
+            module, _ = experts_module(structure, args.hidden, fusion, gelu_in_gemm)
+            x = tokens.clone().requires_grad_()
+            forward = module if mode is None else torch.compile(module, mode=mode)
+            start = time.time()
+            fwd, bwd, y = forward_backward_ms(lambda: forward(x, counts, probs)[0], grad,
+                                              leaves=[x, *module.parameters()])
+            outputs = (y.float(), x.grad.float())
+            reference = reference or outputs
+            errors = [((a - b).norm() / b.norm()).item() for a, b in zip(outputs, reference)]
+            flops = 2 * 2 * rows * d * f  # forward; backward twice that
+            print(f"{structure:13s} {label:18s} forward {fwd:6.3f} ms ({flops / fwd / 1e9:4.0f} "
+                  f"TFLOP/s)  backward {bwd:6.3f} ms ({2 * flops / bwd / 1e9:4.0f} TFLOP/s)  total "
+                  f"{fwd + bwd:6.3f} ms  rel. diff y {errors[0]:.1e} dx {errors[1]:.1e}  "
+                  f"({time.time() - start:.0f} s)", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
