@@ -23,8 +23,6 @@ setup(
     extras_require={
         "data": ["datasets", "tokenizers"],
         "report": ["matplotlib"],
-        # triton: its interpreter runs the experts' Triton kernel on CPUs (tests/test_fused_mlp.py);
-        # CUDA builds of torch bring their own.
-        "test": ["pytest", "triton"],
+        "test": ["pytest"],
     },
 )

@@ -3,11 +3,8 @@ at the small configs' shapes per micro-batch and layer (32 k tokens, bf16):
 
   torch ops          GroupedExperts without fusions: torch._grouped_mm GEMMs, eager GELU and gate
                      scaling
-  compiled scaling   GroupedExperts with moe_activation_fusion but the GELU as its own pass
-                     (the code before the GELU went into the GEMMs)
-  GELU in the GEMMs  GroupedExperts as configured by default: the Triton grouped GEMM with the GELU
-                     in its epilogue (BigMac and Vanilla; Fine-Grained's GELU stays fused with its
-                     gate scaling)
+  as configured      GroupedExperts with moe_activation_fusion (the runner's default): the gate
+                     scaling compiled, with the GELU for Fine-Grained, where it scales the hidden
   torch.compile      GroupedExperts without fusions, whole forward under torch.compile
   max-autotune       the same, mode="max-autotune-no-cudagraphs" (inductor's Triton grouped-GEMM
                      templates; minutes of autotuning per structure, only with --autotune)
@@ -38,16 +35,14 @@ from megatron_bigmac.moe.experts import GroupedExperts
 STRUCTURES = {"bigmac": (64, 8), "fine_grained": (64, 8), "vanilla": (4, 2)}
 
 
-def experts_module(structure: str, hidden: int, fusion: bool, gelu_in_gemm: bool):
+def experts_module(structure: str, hidden: int, fusion: bool):
     experts, topk = STRUCTURES[structure]
     config = BigMacConfig(num_layers=1, hidden_size=hidden, num_attention_heads=12,
                           moe_structure=structure, num_moe_experts=experts, moe_router_topk=topk,
                           moe_low_rank_ratio=0.25, bf16=True, params_dtype=torch.bfloat16,
                           moe_activation_fusion=fusion)
     torch.manual_seed(0)
-    module = GroupedExperts(experts, config).cuda()
-    module._gelu_in_gemm = gelu_in_gemm
-    return module, config
+    return GroupedExperts(experts, config).cuda(), config
 
 
 def main():
@@ -64,12 +59,11 @@ def main():
     ps.initialize_model_parallel()
     model_parallel_cuda_manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    variants = [  # label, moe_activation_fusion, GELU in the GEMMs, torch.compile mode
-        ("torch ops", False, False, None),
-        ("compiled scaling", True, False, None),
-        ("GELU in the GEMMs", True, True, None),
-        ("torch.compile", False, False, "default"),
-    ] + ([("max-autotune", False, False, "max-autotune-no-cudagraphs")] if args.autotune else [])
+    variants = [  # label, moe_activation_fusion, torch.compile mode
+        ("torch ops", False, None),
+        ("as configured", True, None),
+        ("torch.compile", False, "default"),
+    ] + ([("max-autotune", False, "max-autotune-no-cudagraphs")] if args.autotune else [])
     for structure in args.structures or list(STRUCTURES):
         experts, topk = STRUCTURES[structure]
         rows = args.tokens * topk
@@ -77,13 +71,13 @@ def main():
         picks = torch.randn(args.tokens, experts, device="cuda", generator=generator).topk(topk, -1)
         counts = torch.bincount(picks.indices.view(-1), minlength=experts)
         probs = torch.rand(rows, device="cuda", generator=generator)
-        module, config = experts_module(structure, args.hidden, False, False)
+        module, config = experts_module(structure, args.hidden, False)
         d, f = config.moe_token_width, config.moe_ffn_hidden_size
         tokens = (0.5 * torch.randn(rows, d, device="cuda", generator=generator)).bfloat16()
         grad = torch.randn(rows, d, device="cuda", generator=generator).bfloat16()
         reference = None
-        for label, fusion, gelu_in_gemm, mode in variants:
-            module, _ = experts_module(structure, args.hidden, fusion, gelu_in_gemm)
+        for label, fusion, mode in variants:
+            module, _ = experts_module(structure, args.hidden, fusion)
             x = tokens.clone().requires_grad_()
             forward = module if mode is None else torch.compile(module, mode=mode)
             start = time.time()

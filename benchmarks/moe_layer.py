@@ -90,10 +90,8 @@ def main():
         grouped_ms = timed_ms(experts_step)
         supported = experts_module._grouped_mm_supported
         experts_module._grouped_mm_supported = lambda *a: False  # the per-expert loop fallback
-        gelu_in_gemm, layer.experts._gelu_in_gemm = layer.experts._gelu_in_gemm, False
         loop_ms = timed_ms(experts_step)
         experts_module._grouped_mm_supported = supported
-        layer.experts._gelu_in_gemm = gelu_in_gemm
         results[structure] = {
             "layer_fwd_bwd_ms": layer_ms,
             "layer_tokens_per_s": args.tokens / (layer_ms / 1e3),

@@ -31,7 +31,6 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_bigmac.config import BigMacConfig
 from megatron_bigmac.kernels import activate_and_scale_rows, compiled, scale_rows
-from megatron_bigmac.moe.fused_mlp import GroupedGeluMLP, fused_gelu_mlp_supported
 
 
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -111,8 +110,6 @@ class GroupedExperts(MegatronModule):
             else (lambda fn: fn)
         self._activate_and_scale_rows = fuse(activate_and_scale_rows)
         self._scale_rows = fuse(scale_rows)
-        # ... and the GELU as the epilogue of the grouped GEMMs around it (Triton, Hopper).
-        self._gelu_in_gemm = config.moe_activation_fusion and config.moe_expert_activation == "gelu"
         self.num_fc1_chunks = 2 if config.moe_expert_activation == "swiglu" else 1
 
         self.token_width = config.moe_token_width
@@ -186,20 +183,15 @@ class GroupedExperts(MegatronModule):
             )
             permuted_probs = torch.ones_like(permuted_probs)
         w1 = self.weight1.flatten(1, 2)  # [experts, G * f_local, d]
+        hidden = grouped_linear(permuted_tokens, w1, counts)
         # Gate weights p_i(x) scale each expert's output. The second matrix is linear and
         # bias-free, so they may scale its input (megatron-core's choice) or its output: scale
         # the narrower of the two, f_local wide (Fine-Grained) or d = r*h wide (BigMac, 4x fewer
         # elements), in fp32 like the router's probabilities.
         if self.ffn_size_per_partition <= self.token_width:
-            hidden = grouped_linear(permuted_tokens, w1, counts)
             hidden = self._activate_and_scale_rows(hidden, permuted_probs, self.activation)
             return grouped_linear(hidden, self.weight2, counts), None
-        if self._gelu_in_gemm and fused_gelu_mlp_supported(permuted_tokens, w1, self.weight2):
-            ends = torch.cumsum(counts, 0).to(dtype=torch.int32)
-            output = GroupedGeluMLP.apply(permuted_tokens, w1, self.weight2, ends)
-        else:
-            hidden = grouped_linear(permuted_tokens, w1, counts)
-            output = grouped_linear(self.activation(hidden), self.weight2, counts)
+        output = grouped_linear(self.activation(hidden), self.weight2, counts)
         return self._scale_rows(output, permuted_probs), None
 
     # ------------------------------------------------------------------ checkpointing
