@@ -41,7 +41,6 @@ def experts_module(structure: str, hidden: int, fusion: bool):
                           moe_structure=structure, num_moe_experts=experts, moe_router_topk=topk,
                           moe_low_rank_ratio=0.25, bf16=True, params_dtype=torch.bfloat16,
                           moe_activation_fusion=fusion)
-    torch.manual_seed(0)
     return GroupedExperts(experts, config).cuda(), config
 
 
@@ -71,13 +70,14 @@ def main():
         picks = torch.randn(args.tokens, experts, device="cuda", generator=generator).topk(topk, -1)
         counts = torch.bincount(picks.indices.view(-1), minlength=experts)
         probs = torch.rand(rows, device="cuda", generator=generator)
-        module, config = experts_module(structure, args.hidden, False)
+        first, config = experts_module(structure, args.hidden, False)
         d, f = config.moe_token_width, config.moe_ffn_hidden_size
         tokens = (0.5 * torch.randn(rows, d, device="cuda", generator=generator)).bfloat16()
         grad = torch.randn(rows, d, device="cuda", generator=generator).bfloat16()
         reference = None
         for label, fusion, mode in variants:
             module, _ = experts_module(structure, args.hidden, fusion)
+            module.load_state_dict(first.state_dict())  # the same weights in every variant
             x = tokens.clone().requires_grad_()
             forward = module if mode is None else torch.compile(module, mode=mode)
             start = time.time()
