@@ -11,23 +11,20 @@ at the small configs' shapes per micro-batch and layer (32 k tokens, bf16):
 
     python benchmarks/expert_mlp.py > benchmarks/results/train_mfu/h100_expert_mlp.txt
 
-Mean of 20 calls after 3 warm-up calls (benchmarks/cuda_timing.py). Each variant's output and
+Mean of 20 calls after 3 warm-up calls (benchmarks/one_gpu.py). Each variant's output and
 input gradient are compared with the first's (relative norm of the difference).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
 import megatron_bigmac.config  # noqa: F401  (applies the megatron-core compat shims)
-from cuda_timing import forward_backward_ms
-from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from one_gpu import forward_backward_ms, init_one_rank_model_parallel
 from megatron_bigmac.config import BigMacConfig
 from megatron_bigmac.moe.experts import GroupedExperts
 
@@ -52,11 +49,7 @@ def main():
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--autotune", action="store_true", help="add the max-autotune row (minutes)")
     args = p.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29534")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    ps.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(0)
+    init_one_rank_model_parallel(port=29534)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     variants = [  # label, moe_activation_fusion, torch.compile mode
         ("torch ops", False, None),

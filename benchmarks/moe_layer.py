@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 
@@ -18,9 +17,8 @@ import torch
 import torch.distributed as dist
 
 import megatron_bigmac.config  # noqa: F401  (applies the megatron-core compat shims)
-from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.spec_utils import build_module
+from one_gpu import init_one_rank_model_parallel
 
 from megatron_bigmac.config import BigMacConfig
 from megatron_bigmac.moe import experts as experts_module
@@ -50,11 +48,7 @@ def main():
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    ps.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(0)
+    init_one_rank_model_parallel(port=29533)
     h, results = args.hidden, {}
     for structure in ("fine_grained", "bigmac", "vanilla"):
         experts, topk = (4, 2) if structure == "vanilla" else (args.experts, args.topk)

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import forward_backward_ms
+from one_gpu import forward_backward_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)

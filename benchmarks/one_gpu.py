@@ -1,10 +1,26 @@
-"""Forward and backward times of one call with CUDA events, for the kernel micro-benchmarks."""
+"""Helpers of the one-GPU benchmarks: megatron-core's process groups for one rank, and the
+forward and backward times of one call with CUDA events."""
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
+
+
+def init_one_rank_model_parallel(port: int) -> None:
+    """One NCCL rank with megatron-core's parallel state and RNG tracker, for building its
+    modules (TP = EP = 1)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    ps.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(0)
 
 
 def forward_backward_ms(run: Callable[[], torch.Tensor], grad: torch.Tensor,
