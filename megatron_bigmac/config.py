@@ -66,8 +66,9 @@ class BigMacConfig(TransformerConfig):
     transformer-engine or apex, whose fused norms megatron-core otherwise uses."""
 
     moe_activation_fusion: bool = False
-    """Compute the experts' activation, gate weighting and casts as one compiled kernel each way
-    on GPUs (GroupedExperts) instead of a pass over the expert rows per operation."""
+    """Compile the experts' MLP (GroupedExperts) whole on GPUs, so that its activation, gate
+    weighting and casts are one kernel each way around the grouped GEMMs instead of a pass over
+    the expert rows per operation."""
 
     def __post_init__(self):
         self._validate_moe_structure()

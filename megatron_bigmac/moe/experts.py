@@ -16,7 +16,7 @@ the shapes are not 16-byte aligned it falls back to one matmul per expert, with 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,28 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     return torch.cat([chunk @ w.t() for chunk, w in zip(chunks, weight)])
 
 
+def expert_mlp(tokens: torch.Tensor, counts: torch.Tensor, probs: torch.Tensor,
+               weight1: torch.Tensor, weight2: torch.Tensor, activation: Callable,
+               probs_on_input: bool) -> torch.Tensor:
+    """The local experts on their rows: ``p * activation(x @ W1_i^T) @ W2_i^T`` for the rows of
+    each expert i, sorted by expert (``counts`` rows each), p the rows' gate weights (fp32).
+
+    weight1: [experts, G, f_local, d]; weight2: [experts, d, f_local].
+    """
+    if probs_on_input:
+        tokens = (probs.unsqueeze(-1) * tokens).to(tokens.dtype)
+        probs = torch.ones_like(probs)
+    hidden = grouped_linear(tokens, weight1.flatten(1, 2), counts)
+    # The second matrix is linear and bias-free, so the gate weights may scale its input
+    # (megatron-core's choice) or its output: scale the narrower of the two, f_local wide
+    # (Fine-Grained) or d = r*h wide (BigMac, 4x fewer elements), in fp32 like the router's
+    # probabilities.
+    if weight2.shape[-1] <= weight2.shape[-2]:
+        hidden = activate_and_scale_rows(hidden, probs, activation)
+        return grouped_linear(hidden, weight2, counts)
+    return scale_rows(grouped_linear(activation(hidden), weight2, counts), probs)
+
+
 class GroupedExperts(MegatronModule):
     """The local experts of one MoE layer, megatron-core's experts interface:
     ``forward(permuted_tokens, tokens_per_expert, permuted_probs) -> (output, None)``."""
@@ -103,13 +125,12 @@ class GroupedExperts(MegatronModule):
         self.tp_group = pg_collection.expt_tp
         self.dp_group = pg_collection.expt_dp
         self.activation = ACTIVATIONS[config.moe_expert_activation]
-        # The gate-weight epilogues (see forward). With moe_activation_fusion each is one
-        # compiled kernel each way; symbolic sizes, since the number of rows varies from step
-        # to step under expert parallelism.
-        fuse = (lambda fn: compiled(fn, dynamic=True)) if config.moe_activation_fusion \
-            else (lambda fn: fn)
-        self._activate_and_scale_rows = fuse(activate_and_scale_rows)
-        self._scale_rows = fuse(scale_rows)
+        # With moe_activation_fusion the whole expert MLP is compiled (one function shared by all
+        # layers): its activation, gate weighting and casts become one kernel each way around the
+        # grouped GEMMs. Symbolic sizes, since the number of rows varies from step to step under
+        # expert parallelism.
+        self._expert_mlp = compiled(expert_mlp, dynamic=True) if config.moe_activation_fusion \
+            else expert_mlp
         self.num_fc1_chunks = 2 if config.moe_expert_activation == "swiglu" else 1
 
         self.token_width = config.moe_token_width
@@ -176,23 +197,11 @@ class GroupedExperts(MegatronModule):
         tokens_per_expert: torch.Tensor,
         permuted_probs: torch.Tensor,
     ):
-        counts = tokens_per_expert.to(torch.long)
-        if self.config.moe_apply_probs_on_input:
-            permuted_tokens = (permuted_probs.unsqueeze(-1) * permuted_tokens).to(
-                permuted_tokens.dtype
-            )
-            permuted_probs = torch.ones_like(permuted_probs)
-        w1 = self.weight1.flatten(1, 2)  # [experts, G * f_local, d]
-        hidden = grouped_linear(permuted_tokens, w1, counts)
-        # Gate weights p_i(x) scale each expert's output. The second matrix is linear and
-        # bias-free, so they may scale its input (megatron-core's choice) or its output: scale
-        # the narrower of the two, f_local wide (Fine-Grained) or d = r*h wide (BigMac, 4x fewer
-        # elements), in fp32 like the router's probabilities.
-        if self.ffn_size_per_partition <= self.token_width:
-            hidden = self._activate_and_scale_rows(hidden, permuted_probs, self.activation)
-            return grouped_linear(hidden, self.weight2, counts), None
-        output = grouped_linear(self.activation(hidden), self.weight2, counts)
-        return self._scale_rows(output, permuted_probs), None
+        output = self._expert_mlp(
+            permuted_tokens, tokens_per_expert.to(torch.long), permuted_probs, self.weight1,
+            self.weight2, self.activation, self.config.moe_apply_probs_on_input,
+        )
+        return output, None
 
     # ------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
