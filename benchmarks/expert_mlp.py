@@ -32,13 +32,33 @@ from megatron_bigmac.moe.experts import GroupedExperts
 STRUCTURES = {"bigmac": (64, 8), "fine_grained": (64, 8), "vanilla": (4, 2)}
 
 
-def experts_module(structure: str, hidden: int, fusion: bool):
+def experts_module(structure: str, hidden: int, fusion: bool, like=None):
+    """GroupedExperts of ``structure`` on the GPU; with ``like``, that module's weights."""
     experts, topk = STRUCTURES[structure]
     config = BigMacConfig(num_layers=1, hidden_size=hidden, num_attention_heads=12,
                           moe_structure=structure, num_moe_experts=experts, moe_router_topk=topk,
                           moe_low_rank_ratio=0.25, bf16=True, params_dtype=torch.bfloat16,
                           moe_activation_fusion=fusion)
-    return GroupedExperts(experts, config).cuda(), config
+    module = GroupedExperts(experts, config).cuda()
+    if like is not None:
+        module.load_state_dict(like.state_dict())
+    return module, config
+
+
+def routed_rows(structure: str, tokens: int, hidden: int):
+    """One layer's expert inputs: ``tokens`` tokens routed top-k by random scores, seeded.
+    Returns (reference experts without fusions, counts, gate weights, rows, output gradient)."""
+    experts, topk = STRUCTURES[structure]
+    rows = tokens * topk
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    picks = torch.randn(tokens, experts, device="cuda", generator=generator).topk(topk, -1)
+    counts = torch.bincount(picks.indices.view(-1), minlength=experts)
+    probs = torch.rand(rows, device="cuda", generator=generator)
+    reference, config = experts_module(structure, hidden, False)
+    d = config.moe_token_width
+    x = (0.5 * torch.randn(rows, d, device="cuda", generator=generator)).bfloat16()
+    grad = torch.randn(rows, d, device="cuda", generator=generator).bfloat16()
+    return reference, counts, probs, x, grad
 
 
 def main():
@@ -57,20 +77,13 @@ def main():
         ("torch.compile", False, "default"),
     ] + ([("max-autotune", False, "max-autotune-no-cudagraphs")] if args.autotune else [])
     for structure in args.structures or list(STRUCTURES):
-        experts, topk = STRUCTURES[structure]
-        rows = args.tokens * topk
-        generator = torch.Generator(device="cuda").manual_seed(0)
-        picks = torch.randn(args.tokens, experts, device="cuda", generator=generator).topk(topk, -1)
-        counts = torch.bincount(picks.indices.view(-1), minlength=experts)
-        probs = torch.rand(rows, device="cuda", generator=generator)
-        first, config = experts_module(structure, args.hidden, False)
-        d, f = config.moe_token_width, config.moe_ffn_hidden_size
-        tokens = (0.5 * torch.randn(rows, d, device="cuda", generator=generator)).bfloat16()
-        grad = torch.randn(rows, d, device="cuda", generator=generator).bfloat16()
+        first, counts, probs, tokens, grad = routed_rows(structure, args.tokens, args.hidden)
+        rows, d = tokens.shape
         reference = None
         for label, fusion, mode in variants:
-            module, _ = experts_module(structure, args.hidden, fusion)
-            module.load_state_dict(first.state_dict())  # the same weights in every variant
+            # the same weights in every variant
+            module, config = experts_module(structure, args.hidden, fusion, like=first)
+            f = config.moe_ffn_hidden_size
             x = tokens.clone().requires_grad_()
             forward = module if mode is None else torch.compile(module, mode=mode)
             start = time.time()
