@@ -44,8 +44,8 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def train(cache: Path, out: Path, config: str = "bigmac", *overrides: str, nproc: int = 2):
-    """Run the trainer CLI; return (train losses by step, eval losses by step, stdout)."""
+def train_records(cache: Path, out: Path, *overrides: str, config: str = "bigmac", nproc: int = 2):
+    """Run the trainer CLI; return (train records by step, eval records by step, stdout)."""
     env = dict(os.environ, MEGATRON_BIGMAC_CACHE=str(cache), CUDA_VISIBLE_DEVICES="",
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -54,9 +54,15 @@ def train(cache: Path, out: Path, config: str = "bigmac", *overrides: str, nproc
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = {r["step"]: r["lm_loss"] for r in records if r["kind"] == "train"}
-    evals = {r["step"]: r["lm_loss"] for r in records if r["kind"] == "eval"}
-    return losses, evals, r.stdout
+    by_step = lambda kind: {r["step"]: r for r in records if r["kind"] == kind}
+    return by_step("train"), by_step("eval"), r.stdout
+
+
+def train(cache: Path, out: Path, config: str = "bigmac", *overrides: str, nproc: int = 2):
+    """Run the trainer CLI; return (train losses by step, eval losses by step, stdout)."""
+    steps, evals, stdout = train_records(cache, out, *overrides, config=config, nproc=nproc)
+    loss = lambda records: {step: r["lm_loss"] for step, r in records.items()}
+    return loss(steps), loss(evals), stdout
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +122,26 @@ def test_expert_parallel_1_and_2_give_the_same_curve(cache, tmp_path, bigmac_run
     losses, _, _ = train(cache, tmp_path, "bigmac", "train_iters=15", "expert_model_parallel_size=1")
     for step in range(1, 16):
         assert losses[step] == pytest.approx(reference[step], rel=1e-5), f"step {step}"
+
+
+@pytest.mark.parametrize("layout", [
+    ("expert_tensor_parallel_size=2",),  # experts split over expert TP (the paper configs' way)
+    ("expert_tensor_parallel_size=1", "use_distributed_optimizer=true"),  # experts replicated
+])
+def test_tensor_parallel_2_clips_with_the_one_rank_grad_norm(cache, tmp_path, layout):
+    """The norm that clipping uses counts every expert shard once under TP = 2, as on one rank.
+    Same model (CPU initialization, equal vocabulary padding), no dropout, 2 iterations; the
+    logged norms agree to fp32 reduction order (~5e-5), a missed shard moves them ~1%."""
+    same = ("train_iters=2", "expert_model_parallel_size=1", "hidden_dropout=0", "attention_dropout=0",
+            "add_bias_linear=false")  # megatron-core allows expert biases only with expert TP 1
+    one_rank, _, _ = train_records(cache, tmp_path / "tp1", *same, "make_vocab_size_divisible_by=256",
+                                   nproc=1)
+    two_ranks, _, _ = train_records(cache, tmp_path / "tp2", *same, *layout,
+                                    "tensor_model_parallel_size=2", "sequence_parallel=true",
+                                    "make_vocab_size_divisible_by=128")
+    for step in (1, 2):
+        assert two_ranks[step]["grad_norm"] == pytest.approx(one_rank[step]["grad_norm"], rel=5e-4)
+        assert two_ranks[step]["lm_loss"] == pytest.approx(one_rank[step]["lm_loss"], rel=1e-5)
 
 
 def test_resume_repeats_the_uninterrupted_run(cache, tmp_path, bigmac_run):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.random import (
     get_cuda_rng_tracker,
     get_expert_parallel_rng_tracker_name,
@@ -166,6 +167,11 @@ class GroupedExperts(MegatronModule):
             # Expert weights are reduced over the expert-data-parallel group, which is the set of
             # ranks holding this same shard whatever EP/ETP/TP/DP are.
             weight.allreduce = False
+            # The expert optimizer sums its grad norm over the expert TP x PP group, whose ranks
+            # hold distinct shards, but skips unmarked weights on dense-TP ranks other than 0:
+            # marked as megatron-core marks its experts, each rank counts its own shard (unmarked,
+            # the norm that clipping uses was wrong under TP > 1).
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=2, stride=1)
 
     # ------------------------------------------------------------------ init
     def _shard_slices(self, tp_axis: int, shape) -> tuple:
