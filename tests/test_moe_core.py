@@ -195,25 +195,29 @@ def compare_sdpa_with_local_attention(rank, world):
 
     ps.initialize_model_parallel()
     model_parallel_cuda_manual_seed(7)
-    config = BigMacConfig(**TINY, use_cpu_initialization=True, attention_dropout=0.0,
-                          hidden_dropout=0.0)
-    logits, grads = {}, {}
-    for attention in ("local", "sdpa"):
-        torch.manual_seed(0)
-        model = build_gpt_model(config, vocab_size=128, max_sequence_length=32, attention=attention)
-        tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
-        positions = torch.arange(32).expand(2, -1)
-        causal = torch.triu(torch.ones(1, 1, 32, 32, dtype=torch.bool), diagonal=1)
-        out = model(tokens, positions, causal)
-        out.float().pow(2).mean().backward()
-        logits[attention] = out.detach()
-        qkv = model.decoder.layers[0].self_attention.linear_qkv
-        assert isinstance(qkv, QKVLinear) == (attention == "sdpa")
-        assert qkv.bias is not None  # add_bias_linear: the epilogue path is the one taken
-        grads[attention] = (qkv.weight.grad, qkv.bias.grad)
-    torch.testing.assert_close(logits["sdpa"], logits["local"], rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads["sdpa"], grads["local"]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # apply_query_key_layer_scaling: megatron-core divides layer L's scores by L and its softmax
+    # multiplies them back; SDPA must use the product.
+    for layer_scaling in (False, True):
+        config = BigMacConfig(**TINY, use_cpu_initialization=True, attention_dropout=0.0,
+                              hidden_dropout=0.0, apply_query_key_layer_scaling=layer_scaling)
+        logits, grads = {}, {}
+        for attention in ("local", "sdpa"):
+            torch.manual_seed(0)
+            model = build_gpt_model(config, vocab_size=128, max_sequence_length=32,
+                                    attention=attention)
+            tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+            positions = torch.arange(32).expand(2, -1)
+            causal = torch.triu(torch.ones(1, 1, 32, 32, dtype=torch.bool), diagonal=1)
+            out = model(tokens, positions, causal)
+            out.float().pow(2).mean().backward()
+            logits[attention] = out.detach()
+            qkv = model.decoder.layers[-1].self_attention.linear_qkv
+            assert isinstance(qkv, QKVLinear) == (attention == "sdpa")
+            assert qkv.bias is not None  # add_bias_linear: the epilogue path is the one taken
+            grads[attention] = (qkv.weight.grad, qkv.bias.grad)
+        torch.testing.assert_close(logits["sdpa"], logits["local"], rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads["sdpa"], grads["local"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     ps.destroy_model_parallel()
 
 
