@@ -442,9 +442,11 @@ def _paper_counts(rank, world_size, paths, results):
 
     parallel_state.initialize_model_parallel()
     for path in paths:
-        # The layout does not change the model: count it whole, in one process, on meta.
+        # The layout does not change the model: count it whole, in one process, on meta (with
+        # the vocabulary TP 4 pads to).
         cfg = load(path, "tensor_model_parallel_size=1", "expert_model_parallel_size=1",
-                   "sequence_parallel=false", world_size=1, cuda=True)
+                   "sequence_parallel=false", "make_vocab_size_divisible_by=128", world_size=1,
+                   cuda=True)
         with torch.device("meta"):
             model = build_gpt(cfg, meta=True)
         built = sum(p.numel() for p in model.parameters())
@@ -456,6 +458,8 @@ def _paper_counts(rank, world_size, paths, results):
 def test_paper_configs_match_table_5_and_build_on_meta_with_analytic_counts():
     import torch.multiprocessing as mp
     from distributed import run_distributed
+
+    from megatron_bigmac.training.model import padded_vocab_size
 
     paths = sorted(p for p in PAPER.glob("gpt3_*.yaml") if not p.stem.endswith("_base"))
     assert len(paths) == 6
@@ -471,6 +475,7 @@ def test_paper_configs_match_table_5_and_build_on_meta_with_analytic_counts():
         assert cfg.hidden_size == (2048 if xl else 1024)
         assert (cfg.lr_decay_iters, cfg.lr_warmup_iters) == ((5200, 1200) if xl else (28000, 5000))
         assert cfg.data_parallel_size == 8 and 32 // (4 * 4) == 2  # dense DP 8, expert DP 2
+        assert padded_vocab_size(cfg) == 50304, path.name  # Table 4's vocabulary, at TP 4
 
     with mp.Manager() as manager:
         results = manager.dict()
