@@ -45,11 +45,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_bigmac import compat
 
     compat.apply()  # megatron-core shims, before any of its code runs
+    from megatron_bigmac.training.checkpoint import checkpoint_to_resume
     from megatron_bigmac.training.config import ConfigError, load_config
+    from megatron_bigmac.training.data import check_prefixes
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        # What only reading files can tell, also before any process group exists: a checkpoint
+        # that cannot resume this config, data files that are missing.
+        resume = checkpoint_to_resume(cfg)
+        check_prefixes(cfg, samples=False)
+    except (ConfigError, FileNotFoundError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -58,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_bigmac.training.trainer import Trainer
 
     try:
-        Trainer(cfg).train()
+        Trainer(cfg, resume).train()
     finally:
         destroy_distributed()
     return 0

@@ -101,14 +101,29 @@ def test_resume_refuses_a_changed_schedule_naming_every_key(cache, checkpoint, t
     r = run(cache, f"load={checkpoint}", f"log_dir={tmp_path}", "lr=1e-3", "seed=7",
             "global_batch_size=32", "adam_beta2=0.99")
     assert r.returncode != 0
-    errors = [line for line in r.stderr.splitlines() if "ConfigError: " in line]
-    assert errors, r.stderr[-5000:]
-    assert errors[0].split("ConfigError: ", 1)[1] == (
-        f"global_batch_size: 16 -> 32, seed: 1234 -> 7, lr: 0.003 -> 0.001, "
+    # One line from the main rank, before any process group exists, and no traceback of the
+    # ConfigError (torchrun still reports the workers' exit status 2 in its own way).
+    errors = [line for line in r.stderr.splitlines() if line.startswith("config error:")]
+    assert errors == [
+        f"config error: global_batch_size: 16 -> 32, seed: 1234 -> 7, lr: 0.003 -> 0.001, "
         f"adam_beta2: 0.95 -> 0.99: cannot resume from {checkpoint / 'iter_0000002'}, which keeps "
         f"the saved model shape, LR schedule, optimizer and data order; set these keys to the "
-        f"checkpoint's values")
-    assert "config (saved as" not in r.stdout  # stopped before building anything
+        f"checkpoint's values"], r.stderr[-5000:]
+    assert "ConfigError" not in r.stderr and "config (saved as" not in r.stdout
+
+
+def test_load_without_a_checkpoint_is_refused_unless_it_is_the_runs_own_save(cache, tmp_path):
+    """``load`` naming a directory that holds no checkpoint (a parent of runs, a typo'd run)
+    would silently start from scratch; only a run's own ``save`` may be empty (first start)."""
+    r = run(cache, f"load={tmp_path}", f"save={tmp_path / 'new'}", f"log_dir={tmp_path / 'new'}")
+    assert r.returncode != 0
+    assert f"config error: load: no checkpoint in {tmp_path}" in r.stderr, r.stderr[-3000:]
+    # Its own save directory, spelled differently: a fresh run.
+    own = tmp_path / "own"
+    own.mkdir()
+    r = run(cache, f"load={own}/../own", f"save={own}", f"log_dir={own}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "resumed from" not in r.stdout and (own / "iter_0000002").is_dir()
 
 
 def test_check_compatible_refuses_shape_and_schedule_keys_and_reports_changeable_ones():

@@ -231,14 +231,25 @@ def test_cuda_graphs_are_rejected_where_a_step_waits_for_the_host():
 
 def test_resume_with_the_distributed_optimizer_repeats_the_uninterrupted_run(cache, tmp_path):
     """DP=2 (EP=1), optimizer state sharded over DP: megatron-core 0.16 without TE/apex restores
-    Adam's step wrongly unless compat fixes it (the resumed run then drifts from its 2nd step)."""
-    dp2 = ("expert_model_parallel_size=1", "use_distributed_optimizer=true", "train_iters=12")
+    Adam's step wrongly unless compat fixes it (the resumed run then drifts from its 2nd step).
+    Resumed with use_distributed_optimizer unset (its default is off on CPU), the run takes the
+    checkpoint's; set to false, it is refused in one line before any process starts training."""
+    dp2 = ("expert_model_parallel_size=1", "train_iters=12")
     full, save = tmp_path / "full", tmp_path / "resumed"
-    reference, _, _ = train(cache, full, "bigmac", *dp2, f"save={full}", "save_interval=6")
+    reference, _, _ = train(cache, full, "bigmac", *dp2, "use_distributed_optimizer=true",
+                            f"save={full}", "save_interval=6")
     losses, _, stdout = train(cache, save, "bigmac", *dp2, f"load={full / 'iter_0000006'}",
                               f"save={save}")
+    assert f"[checkpoint] use_distributed_optimizer: True, as {full / 'iter_0000006'} was saved" \
+        in stdout
     assert "resumed from" in stdout
     assert losses == {s: reference[s] for s in range(7, 13)}
+
+    with pytest.raises(AssertionError, match=r"config error: use_distributed_optimizer: True -> "
+                                             r"False: cannot resume from .*iter_0000006, whose "
+                                             r"optimizer state is in the other optimizer's format"):
+        train(cache, tmp_path / "refused", "bigmac", *dp2, f"load={full / 'iter_0000006'}",
+              "use_distributed_optimizer=false")
 
 
 def _build_from_two_prefixes(rank, world, cache):
@@ -249,8 +260,9 @@ def _build_from_two_prefixes(rank, world, cache):
     cfg = load(TINY / "bigmac.yaml", twice, "train_iters=3000", "expert_model_parallel_size=1",
                world_size=1)
     prepare_samples(cfg)
-    train, valid = build_datasets(cfg)
+    train, valid, train_samples = build_datasets(cfg)
     assert len(train) >= 3000 * cfg.global_batch_size, len(train)
+    assert train_samples == 3000 * cfg.global_batch_size
     assert len(valid) >= cfg.eval_iters * cfg.global_batch_size
 
 
@@ -260,6 +272,37 @@ def test_several_prefixes_give_every_sample_a_long_run_reads(cache):
     from distributed import run_distributed
 
     run_distributed(_build_from_two_prefixes, 1, cache)
+
+
+def _resumed_sample_order(rank, world, cache):
+    from megatron_bigmac.training.data import build_datasets, prepare_samples
+
+    os.environ["MEGATRON_BIGMAC_CACHE"] = str(cache)
+    config = lambda iters: load(TINY / "bigmac.yaml", f"train_iters={iters}",
+                                "expert_model_parallel_size=1", world_size=1)
+    prepare_samples(config(800))
+    tokens = lambda dataset, n: [dataset[i]["tokens"].tolist() for i in range(n)]
+
+    saved, _, saved_samples = build_datasets(config(800))  # 12,800 samples: two epochs
+    assert saved_samples == 12800 and len(saved) > 12800
+    # Resumed with another train_iters (shorter here): the saved order, not the one megatron-core
+    # would derive for 770 x 16 samples (one epoch).
+    resumed, _, resumed_samples = build_datasets(config(770), resumed_train_samples=saved_samples)
+    assert resumed_samples == saved_samples and tokens(resumed, 64) == tokens(saved, 64)
+    fresh, _, _ = build_datasets(config(770))
+    assert tokens(fresh, 64) != tokens(saved, 64)  # what resuming without the pin would read
+    # Longer than the saved order holds: built for the new size (and warned, see the runner).
+    longer, _, longer_samples = build_datasets(config(2 * len(saved) // 16),
+                                               resumed_train_samples=saved_samples)
+    assert longer_samples == 2 * len(saved) // 16 * 16 and len(longer) >= longer_samples
+
+
+def test_a_resumed_run_keeps_the_saved_runs_sample_order_when_train_iters_changes(cache):
+    """megatron-core derives the sample order from the train split's size (train_iters x global
+    batch): a checkpoint keeps its run's size, and a resumed run builds that order again."""
+    from distributed import run_distributed
+
+    run_distributed(_resumed_sample_order, 1, cache)
 
 
 def _record_aux_losses(rank, world_size, cache, out, results):

@@ -46,8 +46,8 @@ SHAPE_KEYS = (
 )
 
 #: Keys that fix how a resumed run continues: its data order (megatron-core's sample index comes
-#: from seq_length, seed and split; consumed samples advance by global batches) and its
-#: optimization, which resuming restores from the checkpoint whatever the config says (the LR and
+#: from seq_length, seed, split and the number of samples, which the checkpoint keeps as
+#: ``train_samples``; consumed samples advance by global batches) and its optimization, which resuming restores from the checkpoint whatever the config says (the LR and
 #: weight-decay schedule through use_checkpoint_opt_param_scheduler, Adam's betas and eps through
 #: the optimizer's param groups). A checkpoint only resumes with the same values.
 SCHEDULE_KEYS = (
@@ -61,7 +61,8 @@ SCHEDULE_KEYS = (
 CHANGEABLE_KEYS = (
     "train_iters", "exit_interval", "exit_duration_in_mins", "data_path", "train_data_path",
     "mock_data", "clip_grad", "hidden_dropout", "attention_dropout", "moe_aux_loss_coeff",
-    "moe_z_loss_coeff", "moe_expert_capacity_factor",
+    "moe_z_loss_coeff", "moe_expert_capacity_factor", "moe_router_pre_softmax",
+    "moe_router_load_balancing_type", "eod_mask_loss",
 )
 
 
@@ -79,6 +80,18 @@ def find_checkpoint(path: str | Path) -> Optional[Path]:
     if tracker.is_file():
         return iteration_dir(path, int(tracker.read_text().strip()))
     return None
+
+
+def saved_train_samples(common: dict) -> int:
+    """The size of the train dataset whose order the checkpoint's run read (older checkpoints:
+    their config's train_iters x global_batch_size, what the runner built then)."""
+    if "train_samples" in common:
+        return common["train_samples"]
+    return common["config"]["train_iters"] * common["config"]["global_batch_size"]
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def save_config(cfg: TrainingConfig, directory: str | Path) -> None:
@@ -167,9 +180,10 @@ def _sharded_state(model, optimizer, rank: int, world_size: int, is_loading: boo
     return state
 
 
-def save_checkpoint(cfg: TrainingConfig, iteration: int, consumed_samples: int, model, optimizer,
-                    scheduler) -> Path:
-    """Save under ``cfg.save`` atomically (see module docstring); every rank must call this."""
+def save_checkpoint(cfg: TrainingConfig, iteration: int, consumed_samples: int, train_samples: int,
+                    model, optimizer, scheduler) -> Path:
+    """Save under ``cfg.save`` atomically (see module docstring); every rank must call this.
+    ``train_samples``: the size of the train dataset the run reads (it fixes the data order)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     final = iteration_dir(cfg.save, iteration)
     tmp = final.with_name(final.name + ".tmp")
@@ -186,6 +200,7 @@ def save_checkpoint(cfg: TrainingConfig, iteration: int, consumed_samples: int, 
     state.update(
         iteration=iteration,
         consumed_samples=consumed_samples,
+        train_samples=train_samples,
         scheduler=scheduler.state_dict(),
         world_size=world_size,
         parallel_layout=_parallel_layout(),
@@ -195,9 +210,15 @@ def save_checkpoint(cfg: TrainingConfig, iteration: int, consumed_samples: int, 
     dist.barrier()
 
     if rank == 0:
+        # Saving an iteration again (a run resumed from an older one into the same ``save``):
+        # the old copy is renamed aside, not deleted first, so a crash never leaves the tracker
+        # naming a missing directory for longer than one rename.
+        old = final.with_name(final.name + ".old")
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         tracker = Path(cfg.save) / TRACKER
         tracker_tmp = tracker.with_suffix(".txt.tmp")
         tracker_tmp.write_text(f"{iteration}\n")
@@ -238,20 +259,38 @@ def _fill_empty_distributed_optimizer_state(optimizer) -> None:
 def checkpoint_to_resume(cfg: TrainingConfig) -> Optional[Tuple[Path, dict]]:
     """The checkpoint ``cfg.load`` names and its common state (iteration, config, ...), checked
     against ``cfg`` (``check_compatible``); None when there is nothing to load yet (a fresh run
-    whose ``load`` is its own empty ``save``). Reads files only: the trainer calls it before
-    building anything, so a mismatch stops the run at once."""
+    whose ``load`` is its own ``save``, still without a checkpoint). Reads files only, and runs
+    before any process group exists: a mismatch stops the run at once, in one line.
+
+    The optimizer's state is stored in the format of the optimizer that saved it (megatron-core's
+    distributed optimizer shards it over data-parallel ranks), so ``use_distributed_optimizer``
+    left to its default takes the checkpoint's value; set to the other value, it is refused."""
     if not cfg.load:
         return None
     where = find_checkpoint(cfg.load)
     if where is None:
-        # A fresh run's ``load`` may be its own ``save``, created later.
-        own_save = cfg.save is not None and Path(cfg.save) == Path(cfg.load)
-        if not own_save and not Path(cfg.load).exists():
+        if cfg.save is not None and _same_path(cfg.save, cfg.load):
+            return None  # a fresh run's ``load`` may be its own ``save``
+        if not Path(cfg.load).exists():
             raise FileNotFoundError(f"load: {cfg.load} does not exist")
-        return None
+        raise FileNotFoundError(f"load: no checkpoint in {cfg.load} (neither {TRACKER} nor an "
+                                f"iter_NNNNNNN directory's metadata.json)")
     common = dist_checkpointing.load_common_state_dict(str(where))
-    changed = check_compatible(common["config"], cfg, where)
-    if changed and dist.get_rank() == 0:
+    saved = common["config"]
+    main_rank = os.environ.get("RANK", "0") == "0"
+    distributed = saved.get("use_distributed_optimizer")
+    if distributed is not None and distributed != cfg.use_distributed_optimizer:
+        if not getattr(cfg, "_use_distributed_optimizer_defaulted", False):
+            raise ConfigError(f"use_distributed_optimizer: {distributed} -> "
+                              f"{cfg.use_distributed_optimizer}: cannot resume from {where}, whose "
+                              f"optimizer state is in the other optimizer's format; set it to "
+                              f"{str(distributed).lower()} or leave it unset")
+        cfg.use_distributed_optimizer = distributed
+        if main_rank:
+            print(f"[checkpoint] use_distributed_optimizer: {distributed}, as {where} was saved",
+                  flush=True)
+    changed = check_compatible(saved, cfg, where)
+    if changed and main_rank:
         print(f"[checkpoint] WARNING: resuming {where} with changed keys: {', '.join(changed)}",
               flush=True)
     return where, common

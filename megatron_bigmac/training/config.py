@@ -127,7 +127,7 @@ class TrainingConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: Optional[bool] = None
     """None: on with GPUs and data parallelism > 1 (it shards optimizer state over DP, so one
-    GPU gains nothing); off on CPU (megatron-core's distributed optimizer needs CUDA)."""
+    GPU gains nothing), off on CPU; a resumed run then keeps its checkpoint's choice."""
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     distributed_backend: str = field(default="auto", metadata=_choices("auto", "nccl", "gloo"))
@@ -229,6 +229,9 @@ class TrainingConfig:
     def __post_init__(self):
         # Filled in by validate(); kept off the key list.
         self._world_size = 1
+        # Whether validate() chose use_distributed_optimizer (a resumed run then takes the
+        # checkpoint's value: training/checkpoint.py).
+        self._use_distributed_optimizer_defaulted = False
 
     @property
     def data_parallel_size(self) -> int:
@@ -453,6 +456,7 @@ def validate(cfg: TrainingConfig, world_size: int, cuda: bool) -> None:
                       "use bf16: false on CPU")
     if cfg.use_distributed_optimizer is None:
         cfg.use_distributed_optimizer = cuda and dp > 1
+        cfg._use_distributed_optimizer_defaulted = True
     if cfg.use_cpu_initialization is None:
         cfg.use_cpu_initialization = not cuda
     if not cuda and not cfg.use_cpu_initialization:

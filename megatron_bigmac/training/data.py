@@ -74,20 +74,50 @@ def prepare_samples(cfg: TrainingConfig) -> None:
         preprocess.preprocess(preprocess.build_parser().parse_args(argv)).print()
 
 
-def check_prefixes(cfg: TrainingConfig) -> None:
-    """Fail early, naming the key, when a dataset prefix does not exist."""
+def check_prefixes(cfg: TrainingConfig, samples: bool = True) -> None:
+    """Fail early, naming the key, when a dataset prefix does not exist (``samples=False``:
+    leave out the shipped ``sample:`` prefixes, which prepare_samples may not have made yet)."""
     for key in ("data_path", "train_data_path", "valid_data_path"):
         for prefix in getattr(cfg, key):
+            if not samples and prefix.startswith(SAMPLE_SCHEME):
+                continue
             path = resolve_prefix(prefix, cfg)
             for suffix in (".bin", ".idx"):
                 if not os.path.isfile(path + suffix):
                     raise FileNotFoundError(f"{key}: {path}{suffix} does not exist")
 
 
-def build_datasets(cfg: TrainingConfig) -> Tuple[GPTDataset, Optional[GPTDataset]]:
-    """Train and validation GPTDatasets with exactly the samples the run will read: the train
-    split ``train_iters x global_batch_size`` samples, the validation split
-    ``eval_iters x global_batch_size`` (the same held-out batches at every evaluation)."""
+def build_datasets(cfg: TrainingConfig, resumed_train_samples: Optional[int] = None
+                   ) -> Tuple[GPTDataset, Optional[GPTDataset], int]:
+    """Train and validation GPTDatasets with the samples the run reads: the train split
+    ``train_iters x global_batch_size`` samples, the validation split ``eval_iters x
+    global_batch_size`` (the same held-out batches at every evaluation). Returns them and the
+    train split's requested size, which a checkpoint keeps.
+
+    megatron-core derives the whole sample order from that size. A resumed run passes its
+    checkpoint's (``resumed_train_samples``) and keeps that order while the dataset built for
+    it holds the samples this run reads (to the end of its last epoch, so also for a somewhat
+    longer train_iters); beyond, the train split is built for the new size, and a warning says
+    that the order from there on is not the saved run's."""
+    needed = cfg.train_iters * cfg.global_batch_size
+    train_samples = resumed_train_samples or needed
+    train, valid = _build(cfg, train_samples)
+    if len(train) < needed:
+        if resumed_train_samples and os.environ.get("RANK", "0") == "0":
+            print(f"[data] WARNING: train_iters={cfg.train_iters} reads {needed} samples, more "
+                  f"than the {len(train)} in the checkpoint's sample order ({train_samples} "
+                  f"requested): the train data is reshuffled for {needed}, so the rest of the "
+                  f"run may see some samples again and skip others", flush=True)
+        train_samples = needed
+        train, valid = _build(cfg, train_samples)
+    for name, dataset, wanted in (("train", train, needed),
+                                  ("valid", valid, cfg.eval_iters * cfg.global_batch_size)):
+        if wanted and len(dataset) < wanted:
+            raise ValueError(f"{name} data: {len(dataset)} samples built, the run reads {wanted}")
+    return train, (valid if cfg.eval_iters > 0 else None), train_samples
+
+
+def _build(cfg: TrainingConfig, train_samples: int) -> Tuple[GPTDataset, GPTDataset]:
     tokenizer = build_tokenizer(cfg.tokenizer_dir)
     blend = blend_per_split = split = None
     if cfg.data_path:
@@ -109,15 +139,12 @@ def build_datasets(cfg: TrainingConfig) -> Tuple[GPTDataset, Optional[GPTDataset
         eod_mask_loss=cfg.eod_mask_loss,
         create_attention_mask=False,  # causal attention builds its own mask
     )
-    sizes = [cfg.train_iters * cfg.global_batch_size, cfg.eval_iters * cfg.global_batch_size, 0]
+    sizes = [train_samples, cfg.eval_iters * cfg.global_batch_size, 0]
     dataset_class = MockGPTDataset if cfg.mock_data else GPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(
         dataset_class, sizes, lambda: True, config
     ).build()
-    for name, dataset, needed in (("train", train, sizes[0]), ("valid", valid, sizes[1])):
-        if needed and len(dataset) < needed:
-            raise ValueError(f"{name} data: {len(dataset)} samples built, the run reads {needed}")
-    return train, (valid if cfg.eval_iters > 0 else None)
+    return train, valid
 
 
 def _blend(prefixes: List[str]) -> Tuple[List[str], Optional[List[float]]]:

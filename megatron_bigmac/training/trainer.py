@@ -1,7 +1,7 @@
 """The training loop, built from megatron-core pieces and meant to be read top to bottom:
 
-    Trainer(cfg)          process groups, exit-signal handler, resume check, data, seed, model
-                          (DDP), optimizer, LR schedule, resume from a checkpoint
+    Trainer(cfg, resume)  process groups, exit-signal handler, data, seed, model (DDP),
+                          optimizer, LR schedule, resume from the checkpoint train.main checked
     .train()              evaluate; repeat train_step, log, evaluate, save (a signal: save, stop)
     .train_step()         megatron-core's forward-backward schedule over the micro-batches (its
                           finalize_model_grads reduces gradients over DP/TP/EP), then the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -28,9 +29,9 @@ from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron_bigmac.costs import MoEModelShape, training_flops_per_iteration
 from megatron_bigmac.training import data
 from megatron_bigmac.training.checkpoint import (
-    checkpoint_to_resume,
     find_checkpoint,
     load_checkpoint,
+    saved_train_samples,
     save_checkpoint,
     save_config,
 )
@@ -51,7 +52,9 @@ from megatron_bigmac.training.optimizer import build_optimizer, build_scheduler
 
 
 class Trainer:
-    def __init__(self, cfg: TrainingConfig):
+    def __init__(self, cfg: TrainingConfig, resume: Optional[Tuple[Path, dict]] = None):
+        """``resume``: what ``checkpoint_to_resume(cfg)`` found, called before this (it reads
+        files only, so train.main runs it before any process group exists)."""
         self.cfg = cfg
         self.ctx = init_distributed(cfg)
         # cuda_graph_impl: training iterations replay one captured forward-backward (set up below).
@@ -67,9 +70,6 @@ class Trainer:
         duration_s = None if cfg.exit_duration_in_mins is None else 60 * cfg.exit_duration_in_mins
         self.exit_signal = (ExitSignal(cfg.exit_signal_handler, duration_s)
                             if cfg.exit_signal_handler or duration_s is not None else None)
-        # A checkpoint that cannot resume this config stops the run before anything is built
-        # (and before config.yaml in ``save`` is replaced).
-        resume = checkpoint_to_resume(cfg)
         if self.ctx.is_main:
             print(f"config (saved as {cfg.log_dir}/config.yaml):\n{format_config(cfg.to_dict())}",
                   flush=True)
@@ -82,7 +82,8 @@ class Trainer:
             data.prepare_samples(cfg)
         data.barrier()
         data.check_prefixes(cfg)
-        self.train_data, self.valid_data = data.build_datasets(cfg)
+        self.train_data, self.valid_data, self.train_samples = data.build_datasets(
+            cfg, saved_train_samples(resume[1]) if resume else None)
 
         # The same seed on every rank before building: data-parallel replicas start equal.
         set_seed(cfg.seed, cuda_graphs=self.cuda_graphs)
@@ -129,8 +130,9 @@ class Trainer:
         if self._exit_agreed():
             # Signalled during startup: stop before the first step, with a checkpoint to resume
             # from unless the latest one in ``save`` is the one this run started from.
-            if cfg.save and (self.resumed_from is None
-                             or find_checkpoint(cfg.save) != self.resumed_from):
+            latest = find_checkpoint(cfg.save) if cfg.save else None
+            if cfg.save and (self.resumed_from is None or latest is None
+                             or latest.resolve() != self.resumed_from.resolve()):
                 self.save()
             self._report_exit(self.exit_signal.reason)
             self.metrics.close()
@@ -183,8 +185,8 @@ class Trainer:
         return val_loss
 
     def save(self) -> None:
-        save_checkpoint(self.cfg, self.iteration, self.consumed_samples, self.model,
-                        self.optimizer, self.scheduler)
+        save_checkpoint(self.cfg, self.iteration, self.consumed_samples, self.train_samples,
+                        self.model, self.optimizer, self.scheduler)
 
     def _exit_agreed(self) -> bool:
         """Whether any rank received SIGUSR1/SIGTERM or ran out of exit_duration_in_mins
