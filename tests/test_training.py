@@ -396,7 +396,7 @@ def load(path=None, *overrides, world_size=2, cuda=False):
         (["lr_warmup_iter=3"], 2, r"^lr_warmup_iter: unknown key \(did you mean lr_warmup_iters\?\)$"),
         (["num_expert=8"], 2, r"^num_expert: unknown key \(did you mean num_experts\?\)$"),
         (["lr=fast"], 2, r"^lr: expected a number, got 'fast' \(str\)$"),
-        (["train_iters=1.5"], 2, r"^train_iters: expected an integer"),
+        (["train_iters=1.5"], 2, r"^train_iters: expected an integer, got 1.5 \(float\)$"),
         (["bf16=yes please"], 2, r"^bf16: expected true or false"),
         (["train_data_path=3"], 2, r"^train_data_path: expected a list of strings"),
         (["global_batch_size=24"], 2, r"^global_batch_size: 24 is not divisible by micro_batch_size x data-parallel size = 8 x 2$"),
@@ -423,6 +423,14 @@ def load(path=None, *overrides, world_size=2, cuda=False):
         (["data_path=[x]"], 2, r"^data_path: set either data_path"),
         (["lr_decay_style=exponential"], 2, r"^lr_decay_style: 'exponential' is not one of"),
         (["seq_length"], 2, r"^seq_length: an override must look like key=value$"),
+        (["seed=-1"], 2, r"^seed: must be in \[0, 2\*\*32\), got -1$"),
+        (["lr=.nan"], 2, r"^lr: expected a finite number, got nan$"),
+        (["clip_grad=.inf"], 2, r"^clip_grad: expected a finite number, got inf$"),
+        (["moe_expert_capacity_factor=0"], 2, r"^moe_expert_capacity_factor: must be > 0"),
+        (["expert_tensor_parallel_size=0"], 2, r"^expert_tensor_parallel_size: must be >= 1"),
+        (["moe_router_topk=1"], 2, r"^moe_router_pre_softmax: Please use --moe-router-pre-softmax"),
+        (["tensor_model_parallel_size=2", "sequence_parallel=true", "expert_model_parallel_size=1"],
+         2, r"^add_bias_linear: Bias in Moe is only supported when ETP==1$"),
     ],
 )
 def test_rejected_configs_name_the_key_in_one_line(overrides, world_size, message):
@@ -460,6 +468,19 @@ def test_cli_stops_on_a_bad_key_before_starting_processes():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
         "config error: lr_warmup_iter: unknown key (did you mean lr_warmup_iters?)")
+
+
+def test_cli_stops_on_missing_data_before_writing_anything(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-m", "megatron_bigmac.train", "--config",
+                        str(TINY / "bigmac.yaml"), "expert_model_parallel_size=1",
+                        f"train_data_path=[{tmp_path}/nope]",
+                        f"log_dir={tmp_path}/run"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"config error: train_data_path: {tmp_path}/nope.bin does not exist")
+    assert not (tmp_path / "run").exists()  # no config.yaml of a run that never started
 
 
 def test_shipped_configs_parse():

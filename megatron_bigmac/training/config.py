@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -350,16 +351,24 @@ def _coerce(key: str, value: Any, annotation) -> Any:
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)  # 5.2e+3 in YAML is a float
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+        number = value
+        if isinstance(value, str):  # PyYAML reads 1e3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if isinstance(number, float) and number.is_integer():
+            return int(number)  # 5.2e+3 in YAML is a float
+    elif kind is float:
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # every range check below is false for NaN
+                _fail(key, f"expected a finite number, got {value}")
+            return float(value)
     elif kind is str:
         if isinstance(value, str):
             return value
@@ -404,6 +413,15 @@ def validate(cfg: TrainingConfig, world_size: int, cuda: bool) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, key) < 1:
             _fail(key, f"must be in [0, 1), got {getattr(cfg, key)}")
+    if not 0 <= cfg.seed < 2**32:  # numpy's seed range
+        _fail("seed", f"must be in [0, 2**32), got {cfg.seed}")
+    if cfg.expert_tensor_parallel_size is not None and cfg.expert_tensor_parallel_size < 1:
+        _fail("expert_tensor_parallel_size",
+              f"must be >= 1 (or null: tensor_model_parallel_size), got "
+              f"{cfg.expert_tensor_parallel_size}")
+    if cfg.moe_expert_capacity_factor is not None and cfg.moe_expert_capacity_factor <= 0:
+        _fail("moe_expert_capacity_factor",
+              f"must be > 0 (or null: dropless), got {cfg.moe_expert_capacity_factor}")
 
     # Model shape.
     if cfg.hidden_size % cfg.num_attention_heads:

@@ -3,6 +3,8 @@ megatron-core's DistributedDataParallel around it."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
@@ -12,7 +14,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_bigmac.config import BigMacConfig
 from megatron_bigmac.data import GPT2_VOCAB_SIZE
 from megatron_bigmac.specs import build_gpt_model
-from megatron_bigmac.training.config import ConfigError, TrainingConfig
+from megatron_bigmac.training.config import KEYS, ConfigError, TrainingConfig
 
 #: Run-config keys whose name differs from the BigMacConfig / TransformerConfig field.
 _RENAMED = {"num_experts": "num_moe_experts"}
@@ -53,7 +55,20 @@ def model_config(cfg: TrainingConfig, meta: bool = False) -> BigMacConfig:
         inverse = {v: k for k, v in _RENAMED.items()}
         if sep and (field in kwargs or field in inverse):
             raise ConfigError(f"{inverse.get(field, field)}: {rest}") from None
-        raise ConfigError(f"model: {message}") from None
+        raise ConfigError(f"{_key_named_in(message)}: {message}") from None
+
+
+#: megatron-core messages that name no flag, and the run-config key they are about.
+_MESSAGE_KEYS = {"Bias in Moe is only supported when ETP==1": "add_bias_linear"}
+
+
+def _key_named_in(message: str) -> str:
+    """The run-config key a megatron-core error is about: the first Megatron-LM flag it names
+    (--moe-router-pre-softmax -> moe_router_pre_softmax) that is a key, else 'model'."""
+    for flag in re.findall(r"--([a-z0-9-]+)", message):
+        if flag.replace("-", "_") in KEYS:
+            return flag.replace("-", "_")
+    return next((key for text, key in _MESSAGE_KEYS.items() if text in message), "model")
 
 
 def padded_vocab_size(cfg: TrainingConfig, vocab_size: int = GPT2_VOCAB_SIZE) -> int:
