@@ -48,8 +48,6 @@ class SDPAttention(DotProductAttention):
             )
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        # With apply_query_key_layer_scaling megatron-core divides softmax_scale by the layer
-        # number and its softmax multiplies the scores back (scale_mask_softmax.scale): one scale.
         dropout_p = self.attention_dropout.p if self.training else 0.0
         # Same RNG stream as megatron-core's attention dropout (per-TP-rank unless SP).
         rng = (
@@ -64,6 +62,8 @@ class SDPAttention(DotProductAttention):
                 v,
                 dropout_p=dropout_p,
                 is_causal=q.size(2) > 1,
+                # With apply_query_key_layer_scaling megatron-core divides softmax_scale by the
+                # layer number and its softmax multiplies the scores back: one scale here.
                 scale=self.softmax_scale * (self.scale_mask_softmax.scale or 1.0),
                 enable_gqa=k.size(1) != q.size(1),
             )

@@ -47,9 +47,10 @@ SHAPE_KEYS = (
 
 #: Keys that fix how a resumed run continues: its data order (megatron-core's sample index comes
 #: from seq_length, seed, split and the number of samples, which the checkpoint keeps as
-#: ``train_samples``; consumed samples advance by global batches) and its optimization, which resuming restores from the checkpoint whatever the config says (the LR and
-#: weight-decay schedule through use_checkpoint_opt_param_scheduler, Adam's betas and eps through
-#: the optimizer's param groups). A checkpoint only resumes with the same values.
+#: ``train_samples``; consumed samples advance by global batches) and its optimization, which
+#: resuming restores from the checkpoint whatever the config says (the LR and weight-decay
+#: schedule through use_checkpoint_opt_param_scheduler, Adam's betas and eps through the
+#: optimizer's param groups). A checkpoint only resumes with the same values.
 SCHEDULE_KEYS = (
     "seq_length", "global_batch_size", "seed", "split", "optimizer", "lr", "min_lr",
     "lr_decay_style", "lr_warmup_iters", "lr_warmup_init", "lr_decay_iters", "weight_decay",
@@ -90,7 +91,8 @@ def saved_train_samples(common: dict) -> int:
     return common["config"]["train_iters"] * common["config"]["global_batch_size"]
 
 
-def _same_path(a: str | Path, b: str | Path) -> bool:
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two spellings (relative, absolute, with ..) name the same directory."""
     return Path(a).resolve() == Path(b).resolve()
 
 
@@ -269,7 +271,7 @@ def checkpoint_to_resume(cfg: TrainingConfig) -> Optional[Tuple[Path, dict]]:
         return None
     where = find_checkpoint(cfg.load)
     if where is None:
-        if cfg.save is not None and _same_path(cfg.save, cfg.load):
+        if cfg.save is not None and same_path(cfg.save, cfg.load):
             return None  # a fresh run's ``load`` may be its own ``save``
         if not Path(cfg.load).exists():
             raise FileNotFoundError(f"load: {cfg.load} does not exist")

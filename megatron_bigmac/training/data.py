@@ -102,8 +102,8 @@ def build_datasets(cfg: TrainingConfig, resumed_train_samples: Optional[int] = N
     needed = cfg.train_iters * cfg.global_batch_size
     train_samples = resumed_train_samples or needed
     train, valid = _build(cfg, train_samples)
-    if len(train) < needed:
-        if resumed_train_samples and os.environ.get("RANK", "0") == "0":
+    if len(train) < needed and train_samples != needed:
+        if os.environ.get("RANK", "0") == "0":
             print(f"[data] WARNING: train_iters={cfg.train_iters} reads {needed} samples, more "
                   f"than the {len(train)} in the checkpoint's sample order ({train_samples} "
                   f"requested): the train data is reshuffled for {needed}, so the rest of the "

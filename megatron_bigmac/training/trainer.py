@@ -31,6 +31,7 @@ from megatron_bigmac.training import data
 from megatron_bigmac.training.checkpoint import (
     find_checkpoint,
     load_checkpoint,
+    same_path,
     saved_train_samples,
     save_checkpoint,
     save_config,
@@ -132,7 +133,7 @@ class Trainer:
             # from unless the latest one in ``save`` is the one this run started from.
             latest = find_checkpoint(cfg.save) if cfg.save else None
             if cfg.save and (self.resumed_from is None or latest is None
-                             or latest.resolve() != self.resumed_from.resolve()):
+                             or not same_path(latest, self.resumed_from)):
                 self.save()
             self._report_exit(self.exit_signal.reason)
             self.metrics.close()
