@@ -487,6 +487,8 @@ def test_shipped_configs_parse():
     for structure in STRUCTURES:
         cfg = load(TINY / f"{structure}.yaml")
         assert (cfg.moe_structure, cfg.expert_model_parallel_size) == (structure, 2)
+        # No save: metrics go to runs/tiny/<structure>, apart from another size's of the structure.
+        assert cfg.save is None and cfg.log_dir == os.path.join("runs", "tiny", structure)
         small = load(ROOT / "configs" / "small" / f"{structure}.yaml", world_size=1, cuda=True)
         assert (small.num_layers, small.hidden_size, small.bf16) == (12, 768, True)
         assert small.cuda_graph_impl == "local"  # one-GPU runs replay CUDA graphs

@@ -214,7 +214,8 @@ class TrainingConfig:
     # ---------------------------------------------------------------- logging
     log_interval: int = 10
     log_dir: Optional[str] = None
-    """Where metrics.jsonl (and TensorBoard events) go; default ``save`` or runs/<config name>."""
+    """Where metrics.jsonl (and TensorBoard events) go; default ``save``, else
+    runs/<config's folder>/<config name> (configs/tiny/bigmac.yaml: runs/tiny/bigmac)."""
     tensorboard_dir: Optional[str] = None
     """Default <log_dir>/tensorboard, used only when tensorboard is importable."""
     peak_tflops: Optional[float] = None
@@ -312,8 +313,17 @@ def load_config(
         cuda = torch.cuda.is_available()
     validate(cfg, world_size, cuda)
     if cfg.log_dir is None:
-        cfg.log_dir = cfg.save or os.path.join("runs", Path(path).stem if path else "default")
+        cfg.log_dir = cfg.save or default_log_dir(path)
     return cfg
+
+
+def default_log_dir(config_path: Optional[str]) -> str:
+    """runs/<folder>/<name> of the config file: the folder keeps configs of one structure at
+    different sizes (tiny/bigmac, small/bigmac) from appending to one metrics.jsonl."""
+    if config_path is None:
+        return os.path.join("runs", "default")
+    path = Path(config_path).resolve()
+    return os.path.join("runs", path.parent.name, path.stem)
 
 
 def from_dict(values: Dict[str, Any]) -> TrainingConfig:
