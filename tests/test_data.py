@@ -20,19 +20,22 @@ import numpy as np
 import pytest
 
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron.core.datasets.utils import Split
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_bigmac.data import GPT2_EOD_ID, build_tokenizer
 from megatron_bigmac.data.preprocess import main as preprocess_main
 from megatron_bigmac.data.tokenizer import DEFAULT_TOKENIZER_DIR, TokenizerFilesError
+from megatron_bigmac.training import data as training_data
+from megatron_bigmac.training.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "megatron_bigmac" / "assets" / "sample"
 SAMPLE_TRAIN = SAMPLE / "enwiki-2015-sample-train.jsonl.gz"
 SAMPLE_VALID = SAMPLE / "enwiki-2015-sample-valid.jsonl.gz"
 WIKITEXT = SAMPLE / "wikitext-2-raw-v1-test.articles.jsonl.gz"
+TINY = REPO / "configs" / "tiny" / "bigmac.yaml"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 needs_shared = pytest.mark.skipif(
@@ -329,3 +332,29 @@ def test_shared_train_shards(tmp_path, capsys):
     ds = IndexedDataset(f"{prefix}_text_document")
     assert len(ds) == 1934
     assert int(ds.sequence_lengths.sum()) == 5_420_616 + 1934  # README tokens + one eod per doc
+
+
+# ------------------------------------------------- training/data.py: prefixes checked at startup
+
+
+def run_config(tmp_path, *overrides):
+    """The tiny config on one CPU process, its cache under tmp_path."""
+    return load_config(TINY, ["expert_model_parallel_size=1", f"data_cache_path={tmp_path}/cache",
+                              *overrides], world_size=1, cuda=False)
+
+
+def write_dataset(prefix, docs, dtype=np.uint16):
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for doc in docs:
+        builder.add_document(np.asarray(doc, dtype=dtype), [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def test_a_misspelt_sample_is_refused_by_the_early_check(tmp_path):
+    cfg = run_config(tmp_path, "train_data_path=[sample:enwiki-2015-sample-trian]")
+    with pytest.raises(FileNotFoundError, match=(
+            r"^train_data_path: sample:enwiki-2015-sample-trian: no shipped sample of that name "
+            r"\(have enwiki-2015-sample-train, enwiki-2015-sample-valid, "
+            r"wikitext-2-raw-v1-test.articles\)$")):
+        training_data.check_prefixes(cfg, samples=False)

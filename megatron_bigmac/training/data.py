@@ -45,6 +45,24 @@ def resolve_prefix(prefix: str, cfg: TrainingConfig) -> str:
     return str(cache_dir(cfg) / "sample" / name) + "_text_document"
 
 
+def _prefixes(cfg: TrainingConfig) -> Iterator[Tuple[str, str]]:
+    """(key, prefix) of every dataset prefix the config reads."""
+    for key in ("data_path", "train_data_path", "valid_data_path"):
+        for prefix in getattr(cfg, key):
+            yield key, prefix
+
+
+def sample_source(prefix: str, key: str) -> Path:
+    """The shipped file of ``sample:NAME``; FileNotFoundError naming the key and the valid
+    names when there is none."""
+    source = SAMPLE_DIR / f"{prefix[len(SAMPLE_SCHEME):]}.jsonl.gz"
+    if not source.is_file():
+        shipped = sorted(p.name[: -len(".jsonl.gz")] for p in SAMPLE_DIR.glob("*.jsonl.gz"))
+        raise FileNotFoundError(f"{key}: {prefix}: no shipped sample of that name "
+                                f"(have {', '.join(shipped)})")
+    return source
+
+
 def prepare_samples(cfg: TrainingConfig) -> None:
     """Tokenize every ``sample:NAME`` the config reads that is not in the cache yet.
 
@@ -53,17 +71,13 @@ def prepare_samples(cfg: TrainingConfig) -> None:
     """
     from megatron_bigmac.data import preprocess
 
-    for prefix in cfg.data_path + cfg.train_data_path + cfg.valid_data_path:
+    for key, prefix in _prefixes(cfg):
         if not prefix.startswith(SAMPLE_SCHEME):
             continue
-        name = prefix[len(SAMPLE_SCHEME):]
         target = resolve_prefix(prefix, cfg)
         if os.path.exists(target + ".idx") and os.path.exists(target + ".bin"):
             continue
-        source = SAMPLE_DIR / f"{name}.jsonl.gz"
-        if not source.is_file():
-            shipped = sorted(p.name.split(".")[0] for p in SAMPLE_DIR.glob("*.jsonl.gz"))
-            raise FileNotFoundError(f"{prefix}: no shipped sample {source.name}; have {shipped}")
+        source = sample_source(prefix, key)
         os.makedirs(Path(target).parent, exist_ok=True)
         output_prefix = target[: -len("_text_document")]
         argv = ["--dataset", str(source), "--output-prefix", output_prefix, "--workers", "0",
@@ -75,16 +89,17 @@ def prepare_samples(cfg: TrainingConfig) -> None:
 
 
 def check_prefixes(cfg: TrainingConfig, samples: bool = True) -> None:
-    """Fail early, naming the key, when a dataset prefix does not exist (``samples=False``:
-    leave out the shipped ``sample:`` prefixes, which prepare_samples may not have made yet)."""
-    for key in ("data_path", "train_data_path", "valid_data_path"):
-        for prefix in getattr(cfg, key):
-            if not samples and prefix.startswith(SAMPLE_SCHEME):
+    """Fail early, naming the key, when a dataset prefix does not exist (``samples=False``: of a
+    shipped ``sample:`` prefix only its shipped file, as prepare_samples may not have run yet)."""
+    for key, prefix in _prefixes(cfg):
+        if prefix.startswith(SAMPLE_SCHEME):
+            sample_source(prefix, key)
+            if not samples:
                 continue
-            path = resolve_prefix(prefix, cfg)
-            for suffix in (".bin", ".idx"):
-                if not os.path.isfile(path + suffix):
-                    raise FileNotFoundError(f"{key}: {path}{suffix} does not exist")
+        path = resolve_prefix(prefix, cfg)
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(path + suffix):
+                raise FileNotFoundError(f"{key}: {path}{suffix} does not exist")
 
 
 def build_datasets(cfg: TrainingConfig, resumed_train_samples: Optional[int] = None
