@@ -358,3 +358,25 @@ def test_a_misspelt_sample_is_refused_by_the_early_check(tmp_path):
             r"\(have enwiki-2015-sample-train, enwiki-2015-sample-valid, "
             r"wikitext-2-raw-v1-test.articles\)$")):
         training_data.check_prefixes(cfg, samples=False)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate .bin", r"d\.bin has 30 bytes, its \.idx needs 60 \(truncated"),
+    ("truncate .idx", r"d\.idx is truncated \(\d+ bytes, its header needs \d+\)"),
+    ("garbage .idx", r"d\.idx is not a megatron-core index"),
+], ids=["bin", "idx", "garbage"])
+def test_a_damaged_dataset_is_refused_naming_the_file(tmp_path, damage, message):
+    # Else a truncated .bin fails only when a sample touching the missing bytes is read, which on
+    # a large corpus can be hours into the run.
+    valid = write_dataset(tmp_path / "v", [[1, 2, 3]] * 10)
+    prefix = write_dataset(tmp_path / "d", [[1, 2, 3]] * 10)  # 30 uint16 tokens: 60 bytes
+    path = prefix + damage[-4:]
+    if damage.startswith("truncate"):
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:
+        Path(path).write_bytes(b"not an index, not even close to one")
+    cfg = run_config(tmp_path, f"train_data_path=[{prefix}]", f"valid_data_path=[{valid}]")
+    with pytest.raises(ConfigError, match=f"^train_data_path: {tmp_path}/{message}"):
+        training_data.check_prefixes(cfg)
+    training_data.check_prefixes(run_config(tmp_path, f"train_data_path=[{valid}]",
+                                            f"valid_data_path=[{valid}]"))

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDataset
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_bigmac.data import build_tokenizer
-from megatron_bigmac.training.config import TrainingConfig
+from megatron_bigmac.training.config import ConfigError, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,38 @@ def check_prefixes(cfg: TrainingConfig, samples: bool = True) -> None:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(path + suffix):
                 raise FileNotFoundError(f"{key}: {path}{suffix} does not exist")
+        _read_index(key, path)
+
+
+def _read_index(key: str, path: str) -> Tuple[type, np.ndarray]:
+    """Token dtype and document lengths of ``path``.idx, checked against the sizes of the .idx
+    and the .bin: a damaged dataset fails here, naming the file, not in megatron-core after the
+    process groups exist, nor hours in when a sample reads the missing bytes. The layout is
+    megatron-core's (indexed_dataset._IndexReader): 34 bytes of header (magic, version, dtype
+    code, sequence and document counts), int32 lengths, int64 pointers, int64 document indices."""
+    idx = path + ".idx"
+    with open(idx, "rb") as f:
+        head = f.read(34)
+    try:
+        if len(head) < 34 or not head.startswith(_INDEX_HEADER):
+            raise ValueError("no header")
+        version, code, sequences, documents = struct.unpack("<QBQQ", head[len(_INDEX_HEADER):])
+        if version != 1:
+            raise ValueError(f"version {version}")
+        dtype = DType.dtype_from_code(code)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {idx} is not a megatron-core index ({e})") from None
+    size, needed = os.path.getsize(idx), 34 + 12 * sequences + 8 * documents
+    if size != needed:
+        raise ConfigError(f"{key}: {idx} is {'truncated' if size < needed else 'damaged'} "
+                          f"({size:,} bytes, its header needs {needed:,})")
+    lengths = np.fromfile(idx, dtype=np.int32, count=sequences, offset=34)
+    size = os.path.getsize(path + ".bin")
+    needed = int(lengths.sum(dtype=np.int64)) * np.dtype(dtype).itemsize
+    if size != needed:
+        raise ConfigError(f"{key}: {path}.bin has {size:,} bytes, its .idx needs {needed:,} "
+                          "(truncated, or not the .bin of this .idx)")
+    return dtype, lengths
 
 
 def build_datasets(cfg: TrainingConfig, resumed_train_samples: Optional[int] = None
