@@ -351,6 +351,30 @@ def write_dataset(prefix, docs, dtype=np.uint16):
     return str(prefix)
 
 
+def test_a_split_without_documents_is_refused_before_it_hangs(tmp_path):
+    # megatron-core builds every split of nonzero weight, and loops forever in
+    # GPTDataset._get_num_epochs on one without documents. 969,30,1 of the 261 shipped documents
+    # gives the test split round(261 * 1.0) - round(261 * 0.999) = 0 of them.
+    data_path = ["train_data_path=[]", "valid_data_path=[]"]
+    cfg = run_config(tmp_path, "data_path=[sample:enwiki-2015-sample-train]", *data_path)
+    with pytest.raises(ConfigError, match=(
+            r"^split: '969,30,1' leaves the test split of data_path "
+            r"sample:enwiki-2015-sample-train empty \(261 documents: 253 train, 8 valid, 0 test\)")):
+        training_data.check_prefixes(cfg, samples=False)  # the sample is not tokenized yet
+    # A prefix on disk: the counts come from its .idx.
+    prefix = write_dataset(tmp_path / "ten", [[1, 2, 3]] * 10)
+    cfg = run_config(tmp_path, f"data_path=[{prefix}]", *data_path, "split=98,2,0")
+    with pytest.raises(ConfigError, match=r"valid split .* \(10 documents: 10 train, 0 valid, 0 test\)"):
+        training_data.check_prefixes(cfg)
+    training_data.check_prefixes(run_config(tmp_path, f"data_path=[{prefix}]", *data_path,
+                                            "split=8,2,0"))  # no test split: nothing to build
+    # Nor a train_data_path/valid_data_path prefix without any document.
+    empty = write_dataset(tmp_path / "none", [])
+    with pytest.raises(ConfigError, match=f"^valid_data_path: {empty} holds no documents$"):
+        training_data.check_prefixes(run_config(tmp_path, f"train_data_path=[{prefix}]",
+                                                f"valid_data_path=[{empty}]"))
+
+
 def test_a_misspelt_sample_is_refused_by_the_early_check(tmp_path):
     cfg = run_config(tmp_path, "train_data_path=[sample:enwiki-2015-sample-trian]")
     with pytest.raises(FileNotFoundError, match=(

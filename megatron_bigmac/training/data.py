@@ -9,6 +9,8 @@ the tiny configs run on a fresh machine with nothing prepared.
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import os
 import struct
@@ -19,8 +21,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDataset
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.utils import Split
 
 from megatron_bigmac.data import build_tokenizer
 from megatron_bigmac.training.config import ConfigError, TrainingConfig
@@ -91,18 +98,46 @@ def prepare_samples(cfg: TrainingConfig) -> None:
 
 
 def check_prefixes(cfg: TrainingConfig, samples: bool = True) -> None:
-    """Fail early, naming the key, when a dataset prefix does not exist (``samples=False``: of a
-    shipped ``sample:`` prefix only its shipped file, as prepare_samples may not have run yet)."""
+    """Fail early, naming the key, when a dataset prefix does not exist, is damaged, or leaves a
+    split without documents (``samples=False``: of a shipped ``sample:`` prefix only its shipped
+    file, as prepare_samples may not have run yet)."""
     for key, prefix in _prefixes(cfg):
         if prefix.startswith(SAMPLE_SCHEME):
-            sample_source(prefix, key)
+            source = sample_source(prefix, key)
             if not samples:
+                if key == "data_path":
+                    _check_split(cfg, prefix, _sample_documents(source))
                 continue
         path = resolve_prefix(prefix, cfg)
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(path + suffix):
                 raise FileNotFoundError(f"{key}: {path}{suffix} does not exist")
-        _read_index(key, path)
+        _, lengths = _read_index(key, path)
+        if key == "data_path":
+            _check_split(cfg, prefix, len(lengths))
+        elif not len(lengths):  # megatron-core would loop forever (see _check_split)
+            raise ConfigError(f"{key}: {path} holds no documents")
+
+
+def _check_split(cfg: TrainingConfig, prefix: str, documents: int) -> None:
+    """megatron-core cuts every data_path prefix by ``split`` (round(bound x documents) for each
+    bound of its split_matrix) and builds each split of nonzero weight, even one the run never
+    reads; on one without documents GPTDataset._get_num_epochs loops forever."""
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
+    counts = [0 if m is None else int(round(m[1] * documents)) - int(round(m[0] * documents))
+              for m in matrix]
+    empty = [s.name for s, m, n in zip(Split, matrix, counts) if m is not None and n == 0]
+    if empty:
+        raise ConfigError(
+            f"split: {cfg.split!r} leaves the {'/'.join(empty)} split of data_path {prefix} "
+            f"empty ({documents:,} documents: {counts[0]:,} train, {counts[1]:,} valid, "
+            f"{counts[2]:,} test); give every split a document, or weight 0 to leave one out")
+
+
+def _sample_documents(source: Path) -> int:
+    """Documents that preprocessing keeps of a shipped sample (those with text)."""
+    with gzip.open(source, "rt", encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip() and json.loads(line)["text"])
 
 
 def _read_index(key: str, path: str) -> Tuple[type, np.ndarray]:
