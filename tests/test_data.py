@@ -404,3 +404,29 @@ def test_a_damaged_dataset_is_refused_naming_the_file(tmp_path, damage, message)
         training_data.check_prefixes(cfg)
     training_data.check_prefixes(run_config(tmp_path, f"train_data_path=[{valid}]",
                                             f"valid_data_path=[{valid}]"))
+
+
+def test_token_ids_must_fit_the_tokenizers_vocabulary(tmp_path):
+    from megatron_bigmac.training.model import padded_vocab_size
+
+    valid = write_dataset(tmp_path / "v", [[1, 2, 3]])
+    ok = write_dataset(tmp_path / "ok", [[0, 15496, 995, GPT2_EOD_ID]] * 3)
+    big = write_dataset(tmp_path / "big", [[15496, 995], [50400, GPT2_EOD_ID]])  # another vocab
+    data = [f"valid_data_path=[{valid}]"]
+    training_data.check_prefixes(run_config(tmp_path, f"train_data_path=[{ok}]", *data))
+    gpt2 = run_config(tmp_path, f"train_data_path=[{big}]", *data)
+    with pytest.raises(ConfigError, match=(
+            f"^train_data_path: {big}.bin holds token id 50,400, outside the 50,257-token "
+            "vocabulary of the GPT-2 BPE")):
+        training_data.check_prefixes(gpt2)
+    assert padded_vocab_size(gpt2) == 50304
+    # A BPE with 200 more tokens: the embedding grows to hold them, and so do the allowed ids.
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    vocab = json.loads((DEFAULT_TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8"))
+    vocab.update({f"<|extra{i}|>": 50257 + i for i in range(200)})
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    shutil.copy(DEFAULT_TOKENIZER_DIR / "merges.txt", tok_dir)
+    larger = run_config(tmp_path, f"train_data_path=[{big}]", *data, f"tokenizer_dir={tok_dir}")
+    assert padded_vocab_size(larger) == 50560  # 50,457 up to a multiple of 128
+    training_data.check_prefixes(larger)

@@ -360,6 +360,14 @@ class GPT2BPETokenizer(MegatronTokenizerText):
         return self._tokenizer.batch_text_to_arrays(texts)
 
 
+def tokenizer_vocab_size(tokenizer_dir: Optional[str | Path] = None) -> int:
+    """``vocab_size`` of ``build_tokenizer(tokenizer_dir)``, from its vocab.json alone (no backend
+    built). Raises ``TokenizerFilesError`` like ``build_tokenizer``."""
+    if tokenizer_dir is None:
+        return GPT2_VOCAB_SIZE  # the shipped copy of GPT-2's files
+    return len(_load_vocab(tokenizer_files(tokenizer_dir)[0]))
+
+
 def build_tokenizer(tokenizer_dir: Optional[str | Path] = None, backend: str = "auto"):
     """The GPT-2 BPE tokenizer from ``tokenizer_dir`` (default: the copy shipped in the package).
 

@@ -30,12 +30,18 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.utils import Split
 
 from megatron_bigmac.data import build_tokenizer
+from megatron_bigmac.data.tokenizer import TokenizerFilesError, tokenizer_vocab_size
 from megatron_bigmac.training.config import ConfigError, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_SCHEME = "sample:"
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "assets" / "sample"
+
+#: Bytes read from each end of a .bin to check its token ids against the vocabulary. A corpus
+#: tokenized with another vocabulary has such ids throughout, so its ends show it; reading all of
+#: a multi-GB .bin would add minutes to every start.
+ID_CHECK_BYTES = 8 << 20
 
 
 def cache_dir(cfg: TrainingConfig) -> Path:
@@ -98,9 +104,13 @@ def prepare_samples(cfg: TrainingConfig) -> None:
 
 
 def check_prefixes(cfg: TrainingConfig, samples: bool = True) -> None:
-    """Fail early, naming the key, when a dataset prefix does not exist, is damaged, or leaves a
-    split without documents (``samples=False``: of a shipped ``sample:`` prefix only its shipped
-    file, as prepare_samples may not have run yet)."""
+    """Fail early, naming the key, when a dataset prefix does not exist, is damaged, holds ids
+    beyond the tokenizer's vocabulary, or leaves a split without documents (``samples=False``: of
+    a shipped ``sample:`` prefix only its shipped file, as prepare_samples may not have run yet)."""
+    try:
+        vocab = tokenizer_vocab_size(cfg.tokenizer_dir)
+    except TokenizerFilesError as e:
+        raise ConfigError(f"tokenizer_dir: {e}") from None
     for key, prefix in _prefixes(cfg):
         if prefix.startswith(SAMPLE_SCHEME):
             source = sample_source(prefix, key)
@@ -112,11 +122,29 @@ def check_prefixes(cfg: TrainingConfig, samples: bool = True) -> None:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(path + suffix):
                 raise FileNotFoundError(f"{key}: {path}{suffix} does not exist")
-        _, lengths = _read_index(key, path)
+        dtype, lengths = _read_index(key, path)
+        _check_token_ids(key, path, dtype, vocab, cfg.tokenizer_dir)
         if key == "data_path":
             _check_split(cfg, prefix, len(lengths))
         elif not len(lengths):  # megatron-core would loop forever (see _check_split)
             raise ConfigError(f"{key}: {path} holds no documents")
+
+
+def _check_token_ids(key: str, path: str, dtype: type, vocab: int,
+                     tokenizer_dir: Optional[str]) -> None:
+    """Ids outside the vocabulary would index past the embedding (on a GPU a device-side assert
+    that kills the job); read ID_CHECK_BYTES at each end of the .bin."""
+    if not os.path.getsize(path + ".bin"):
+        return
+    tokens = np.memmap(path + ".bin", dtype=dtype, mode="r")
+    n = ID_CHECK_BYTES // tokens.itemsize
+    for part in (tokens[:n], tokens[-n:]):
+        low, high = int(part.min()), int(part.max())
+        if low < 0 or high >= vocab:
+            raise ConfigError(
+                f"{key}: {path}.bin holds token id {low if low < 0 else high:,}, outside the "
+                f"{vocab:,}-token vocabulary of {tokenizer_dir or 'the GPT-2 BPE'} (tokenized "
+                "with another tokenizer? set tokenizer_dir to its vocab.json/merges.txt)")
 
 
 def _check_split(cfg: TrainingConfig, prefix: str, documents: int) -> None:

@@ -4,6 +4,7 @@ megatron-core's DistributedDataParallel around it."""
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -12,7 +13,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import Float16Module
 
 from megatron_bigmac.config import BigMacConfig
-from megatron_bigmac.data import GPT2_VOCAB_SIZE
+from megatron_bigmac.data.tokenizer import tokenizer_vocab_size
 from megatron_bigmac.specs import build_gpt_model
 from megatron_bigmac.training.config import KEYS, ConfigError, TrainingConfig
 
@@ -71,8 +72,11 @@ def _key_named_in(message: str) -> str:
     return next((key for text, key in _MESSAGE_KEYS.items() if text in message), "model")
 
 
-def padded_vocab_size(cfg: TrainingConfig, vocab_size: int = GPT2_VOCAB_SIZE) -> int:
-    """Megatron-LM's padding: a multiple of make_vocab_size_divisible_by x TP (50,257 -> 50,304)."""
+def padded_vocab_size(cfg: TrainingConfig, vocab_size: Optional[int] = None) -> int:
+    """Megatron-LM's padding of the vocabulary (default: the tokenizer's, from ``tokenizer_dir``):
+    a multiple of make_vocab_size_divisible_by x TP (GPT-2's 50,257 -> 50,304)."""
+    if vocab_size is None:
+        vocab_size = tokenizer_vocab_size(cfg.tokenizer_dir)
     multiple = cfg.make_vocab_size_divisible_by * cfg.tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
 
