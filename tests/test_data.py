@@ -430,3 +430,22 @@ def test_token_ids_must_fit_the_tokenizers_vocabulary(tmp_path):
     larger = run_config(tmp_path, f"train_data_path=[{big}]", *data, f"tokenizer_dir={tok_dir}")
     assert padded_vocab_size(larger) == 50560  # 50,457 up to a multiple of 128
     training_data.check_prefixes(larger)
+
+
+# -------------------------------------------------------------- preprocess: odd inputs and exits
+
+
+@pytest.mark.parametrize("backend", ["tiktoken", "tokenizers"])
+def test_a_lone_surrogate_is_replaced_as_tiktoken_does(tmp_path, capsys, tok, backend):
+    # Valid JSON ("\ud800" escapes) but not encodable as UTF-8: each lone surrogate becomes
+    # U+FFFD, as tiktoken's encode_ordinary (behind tok.tokenize) repairs it.
+    texts = ["a \ud800 b", "pair \ud83d\ude00 and lone low \udc00", "fine"]
+    src = tmp_path / "s.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert "\\ud800" in src.read_text()
+    code, err = run(capsys, "--dataset", src, "--output-prefix", tmp_path / "s", "--workers", 1,
+                    "--tokenizer-backend", backend)
+    assert code == 0, err
+    repaired = ["a \ufffd b", "pair \U0001f600 and lone low \ufffd", "fine"]
+    assert read_docs(f"{tmp_path}/s_text_document") == expected_docs(tok, repaired)
+    assert [tok.tokenize(t) for t in texts] == [tok.tokenize(t) for t in repaired]

@@ -336,7 +336,18 @@ def tokenize_task(task: Task) -> TokenizedTask:
     """Encode a task's documents and append ``eod`` to each; empty documents are dropped."""
     tok, dtype = _worker_tokenizer, _worker_dtype
     texts = task.texts() if isinstance(task, JsonlChunk) else task
-    nonempty = [t for t in texts if t]
+    nonempty, text_bytes = [], 0
+    for text in texts:
+        if not text:
+            continue
+        try:
+            text_bytes += len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            # A lone surrogate (valid JSON: "\ud800") has no UTF-8: replace it with U+FFFD, as
+            # tiktoken's encode_ordinary (behind tokenize) does.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            text_bytes += len(text.encode("utf-8"))
+        nonempty.append(text)
     docs = tok.tokenize_to_arrays(nonempty)
     lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
     ends = np.cumsum(lengths)
@@ -344,7 +355,6 @@ def tokenize_task(task: Task) -> TokenizedTask:
     for doc, end in zip(docs, ends.tolist()):
         tokens[end - 1 - len(doc) : end - 1] = doc  # ids < vocab size: the cast is exact
     tokens[ends - 1] = tok.eod
-    text_bytes = sum(len(t.encode("utf-8")) for t in nonempty)
     return TokenizedTask(tokens, lengths, text_bytes, len(texts) - len(nonempty))
 
 
