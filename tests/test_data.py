@@ -449,3 +449,42 @@ def test_a_lone_surrogate_is_replaced_as_tiktoken_does(tmp_path, capsys, tok, ba
     repaired = ["a \ufffd b", "pair \U0001f600 and lone low \ufffd", "fine"]
     assert read_docs(f"{tmp_path}/s_text_document") == expected_docs(tok, repaired)
     assert [tok.tokenize(t) for t in texts] == [tok.tokenize(t) for t in repaired]
+
+
+def test_sigterm_removes_the_temporary_files(tmp_path):
+    # Slurm's time limit, scancel, timeout and docker stop send SIGTERM: clean up as on Ctrl-C.
+    script = (
+        "import os, signal, sys\n"
+        "from megatron_bigmac.data import preprocess\n"
+        "write = preprocess._write\n"
+        "def _write(*args):\n"
+        "    write(*args)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # mid-run: temporary files are written\n"
+        "preprocess._write = _write\n"
+        "sys.exit(preprocess.main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-c", script, "--dataset", str(SAMPLE_TRAIN),
+                        "--output-prefix", str(out / "x"), "--workers", "1", "--task-chars",
+                        "10000", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=120)
+    assert r.returncode == 143, r.stderr
+    assert r.stderr.strip().splitlines() == ["error: terminated (SIGTERM); no output written"]
+    assert list(out.iterdir()) == []
+
+
+def test_a_rerun_removes_temporary_files_of_dead_runs(tmp_path, capsys):
+    # SIGKILL (or a crash of the machine) leaves PREFIX.{bin,idx}.tmp-PID, GBs on a full corpus.
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()  # its pid now names no process
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "Hello world"}])
+    stale = [tmp_path / f"x_text_document.{e}.tmp-{dead.pid}" for e in ("bin", "idx")]
+    alive = tmp_path / f"x_text_document.bin.tmp-{os.getppid()}"  # a run still writing
+    for overwrite in ([], ["--overwrite"]):
+        for path in stale + [alive]:
+            path.write_bytes(b"partial")
+        code, err = run(capsys, "--dataset", src, "--output-prefix", tmp_path / "x", *overwrite)
+        assert code == 0, err
+        assert not any(p.exists() for p in stale) and alive.exists()
+        assert f"removed {stale[0]} (left by process {dead.pid}, which has exited)" in err

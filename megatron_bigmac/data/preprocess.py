@@ -39,6 +39,7 @@ import logging
 import lzma
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -323,6 +324,12 @@ _worker_tokenizer = None
 _worker_dtype = None
 
 
+def _init_pool_worker(*init_args) -> None:
+    # pool.terminate() stops workers with SIGTERM: the main process's handler is not theirs.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(*init_args)
+
+
 def _init_worker(tokenizer_dir: str, backend: str, dtype: type) -> None:
     """Pool initializer: each worker builds its own tokenizer (cheap, ~0.1 s)."""
     global _worker_tokenizer, _worker_dtype
@@ -371,6 +378,30 @@ def output_prefixes(output_prefix: str, json_key: str, split_validation: int) ->
             "train": f"{output_prefix}_train_{json_key}_document",
         }
     return {"all": f"{output_prefix}_{json_key}_document"}
+
+
+def remove_stale_temporaries(prefixes: Dict[str, str], quiet: bool) -> None:
+    """Delete the temporary files next to these outputs whose process is gone: SIGKILL (or a
+    crash of the machine) leaves them, and on a full corpus each is GBs."""
+    for prefix in prefixes.values():
+        for ext in ("bin", "idx"):
+            for path in glob.glob(glob.escape(f"{prefix}.{ext}.tmp-") + "*"):
+                pid = path.rsplit("-", 1)[1]
+                if pid.isdigit() and not _alive(int(pid)):
+                    os.remove(path)
+                    if not quiet:
+                        print(f"[preprocess] removed {path} (left by process {pid}, which has "
+                              "exited)", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def check_outputs(prefixes: Dict[str, str], overwrite: bool) -> None:
@@ -544,7 +575,7 @@ def _results(tasks: Iterable[Task], workers: int, init_args: tuple) -> Iterator[
     # `datasets`/pyarrow start any thread. Elsewhere fall back to the platform default.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
+    pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=init_args)
     try:
         pending = deque()
         for task in tasks:
@@ -685,16 +716,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm's time limit, scancel, timeout, docker stop): stop as on Ctrl-C, so the
+    temporary files are removed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        # Here, not in preprocess(): the trainer runs that once per host, where a pid of another
+        # host sharing the cache is not ours to judge.
+        remove_stale_temporaries(
+            output_prefixes(args.output_prefix, args.json_key, args.split_validation), args.quiet)
         summary = preprocess(args)
     except PreprocessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("error: terminated (SIGTERM); no output written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("error: interrupted; no output written", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary.print()
     return 0
 
