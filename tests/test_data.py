@@ -488,3 +488,18 @@ def test_a_rerun_removes_temporary_files_of_dead_runs(tmp_path, capsys):
         assert code == 0, err
         assert not any(p.exists() for p in stale) and alive.exists()
         assert f"removed {stale[0]} (left by process {dead.pid}, which has exited)" in err
+
+
+def test_without_the_data_extra_hub_and_parquet_give_an_install_hint(tmp_path, capsys, monkeypatch):
+    for module in ("datasets", "pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import datasets` raises ImportError
+    (tmp_path / "a.parquet").write_bytes(b"PAR1")
+    for dataset, needs in (("wikimedia/wikipedia", "hub dataset wikimedia/wikipedia needs datasets"),
+                           (tmp_path / "a.parquet", "Parquet input needs pyarrow")):
+        code, err = run(capsys, "--dataset", dataset, "--output-prefix", tmp_path / "x",
+                        "--workers", 0)
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1, err
+        assert lines[0].startswith(f"error: {needs}, which is not installed"), err
+        assert lines[0].endswith(f"pip install -e '.[data]' (or pip install {needs.split()[-1]})")
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.parquet"]

@@ -202,7 +202,10 @@ def iter_jsonl_chunks(files: Sequence[str], key: str, chunk_bytes: int) -> Itera
 
 def iter_parquet_tasks(files: Sequence[str], key: str, task_chars: int) -> Iterator[List[str]]:
     """Text of local Parquet files, column ``key`` only, grouped into tasks."""
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise _not_installed("Parquet input", "pyarrow", e) from None
 
     def batches():
         for path in files:
@@ -225,7 +228,10 @@ def iter_parquet_tasks(files: Sequence[str], key: str, task_chars: int) -> Itera
 
 def load_hub_dataset(source: Source, args: argparse.Namespace):
     """``datasets.load_dataset`` for a hub name, text column only (streamed by default)."""
-    import datasets
+    try:
+        import datasets
+    except ImportError as e:
+        raise _not_installed(f"hub dataset {source.name}", "datasets", e) from None
 
     # We report failures ourselves, in one line; keep the library's own error logs quiet.
     datasets.logging.set_verbosity(logging.CRITICAL)
@@ -298,6 +304,12 @@ def iter_tasks(source: Source, args: argparse.Namespace) -> Iterator[Task]:
     if source.format == "parquet":
         return iter_parquet_tasks(source.files, args.json_key, args.task_chars)
     return iter_hub_tasks(source, args)
+
+
+def _not_installed(what: str, package: str, e: ImportError) -> PreprocessError:
+    # `datasets` (and pyarrow with it) comes with the [data] extra, not with a plain install.
+    return PreprocessError(f"{what} needs {package}, which is not installed ({e}); "
+                           f"pip install -e '.[data]' (or pip install {package})")
 
 
 def _one_line(e: BaseException) -> str:
