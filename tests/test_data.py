@@ -503,3 +503,19 @@ def test_without_the_data_extra_hub_and_parquet_give_an_install_hint(tmp_path, c
         assert lines[0].startswith(f"error: {needs}, which is not installed"), err
         assert lines[0].endswith(f"pip install -e '.[data]' (or pip install {needs.split()[-1]})")
     assert list(tmp_path.iterdir()) == [tmp_path / "a.parquet"]
+
+
+@pytest.mark.parametrize("step", ["add_document", "finalize"])
+def test_a_full_disk_ends_in_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, step):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(IndexedDatasetBuilder, step, full)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = run(capsys, "--dataset", SAMPLE_VALID, "--output-prefix", out / "x", "--quiet",
+                    "--workers", 0)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "error: cannot write output: OSError: [Errno 28] No space left on device"]
+    assert list(out.iterdir()) == []

@@ -461,13 +461,22 @@ class IndexedDatasetWriter:
         """Append documents (``tokens`` back to back, ``lengths`` per document) to ``split``."""
         builder = self._builders[split]
         start = 0
-        for length in lengths.tolist():
-            builder.add_document(tokens[start : start + length], [length])
-            start += length
+        try:
+            for length in lengths.tolist():
+                builder.add_document(tokens[start : start + length], [length])
+                start += length
+        except OSError as e:  # a full disk, a quota
+            raise PreprocessError(f"cannot write output: {_one_line(e)}") from None
         self.stats[split].documents += len(lengths)
         self.stats[split].tokens += start
 
     def commit(self) -> None:
+        try:
+            self._commit()
+        except OSError as e:
+            raise PreprocessError(f"cannot write output: {_one_line(e)}") from None
+
+    def _commit(self) -> None:
         for split, builder in self._builders.items():
             builder.finalize(self._tmp[split][1])
         # A dataset is valid when its .idx exists: remove every old .idx first and write the new
@@ -484,7 +493,10 @@ class IndexedDatasetWriter:
 
     def abort(self) -> None:
         for builder in self._builders.values():
-            builder.data_file.close()
+            try:
+                builder.data_file.close()
+            except OSError:  # its last flush, on a full disk: the file is deleted below anyway
+                pass
         self._builders = {}
         for paths in self._tmp.values():
             for path in paths:
