@@ -25,7 +25,7 @@ from megatron.core.datasets.utils import Split
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_bigmac.data import GPT2_EOD_ID, build_tokenizer
-from megatron_bigmac.data.preprocess import main as preprocess_main
+from megatron_bigmac.data.preprocess import build_parser, main as preprocess_main
 from megatron_bigmac.data.tokenizer import DEFAULT_TOKENIZER_DIR, TokenizerFilesError
 from megatron_bigmac.training import data as training_data
 from megatron_bigmac.training.config import ConfigError, load_config
@@ -266,11 +266,20 @@ def _bad_input_cases(tmp_path):
         "hub unreachable": (
             ["--dataset", "wikimedia/wikipedia", "--dataset-config", "20231101.en"],
             "cannot load wikimedia/wikipedia"),
+        "no task chars": (["--dataset", good, "--task-chars", 0], "--task-chars must be >= 1"),
+        "negative task chars": (
+            ["--dataset", good, "--task-chars", -5], "--task-chars must be >= 1"),
+        "output prefix is a directory": (
+            ["--dataset", good, "--output-prefix", f"{tmp_path / 'out'}{os.sep}"],
+            "ends in a path separator"),
+        "zstd": (["--dataset", tmp_path / "a.jsonl.zst"], "is neither JSONL"),
     }, existing
 
 
 def test_bad_inputs(tmp_path, capsys):
     cases, _ = _bad_input_cases(tmp_path)
+    (tmp_path / "a.jsonl.zst").write_bytes(b"")
+    assert ".zst" not in " ".join(build_parser().format_help().split())  # the help says so too
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     for name, (argv, message) in cases.items():

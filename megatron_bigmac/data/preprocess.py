@@ -621,6 +621,11 @@ def preprocess(args: argparse.Namespace) -> Summary:
         raise PreprocessError("--split-validation must be >= 0")
     if args.workers < 0:
         raise PreprocessError("--workers must be >= 0")
+    if args.task_chars < 1:
+        raise PreprocessError("--task-chars must be >= 1")
+    if not os.path.basename(args.output_prefix):  # "out/" would write out/_text_document.*
+        raise PreprocessError(f"--output-prefix {args.output_prefix!r} ends in a path separator: "
+                              "add a file name prefix, e.g. out/corpus")
 
     # Check everything the user gave before any work starts.
     try:
@@ -711,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset", nargs="+", required=True,
         help="a Hugging Face dataset name (e.g. wikimedia/wikipedia) or local dataset repo "
-        "directory, or local JSONL(.gz/.bz2/.xz/.zst)/Parquet files and globs",
+        "directory, or local JSONL(.gz/.bz2/.xz)/Parquet files and globs",
     )
     p.add_argument("--dataset-config", default=None,
                    help="hub dataset configuration, e.g. 20231101.en for wikimedia/wikipedia")
