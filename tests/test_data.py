@@ -528,3 +528,25 @@ def test_a_full_disk_ends_in_one_line_and_leaves_nothing(tmp_path, capsys, monke
     assert err.strip().splitlines() == [
         "error: cannot write output: OSError: [Errno 28] No space left on device"]
     assert list(out.iterdir()) == []
+
+
+def test_docs_commands_make_the_prefixes_the_paper_configs_read():
+    import re
+    import shlex
+
+    from megatron_bigmac.data.preprocess import output_prefixes
+    from megatron_bigmac.training.config import read_yaml
+
+    made = set()
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "docs" / "data.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if "-m megatron_bigmac.data.preprocess" in line:
+                argv = shlex.split(line.split("data.preprocess", 1)[1], comments=True)
+                args = build_parser().parse_args(argv)
+                made.update(output_prefixes(args.output_prefix, args.json_key,
+                                            args.split_validation).values())
+    for config in sorted((REPO / "configs" / "paper").glob("gpt3_*.yaml")):
+        keys = read_yaml(config)
+        for key in ("data_path", "train_data_path", "valid_data_path"):
+            for prefix in keys.get(key, []):
+                assert prefix in made, (config.name, key, prefix, sorted(made))
