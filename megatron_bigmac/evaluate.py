@@ -20,6 +20,7 @@ overrides such as ``expert_model_parallel_size=2``; default one process per data
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import math
@@ -109,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         destroy_distributed, init_distributed, set_seed,
     )
     from megatron_bigmac.training.metrics import quiet_known_warnings
-    from megatron_bigmac.training.model import Float16Module, build_gpt
+    from megatron_bigmac.training.model import Float16Module, build_gpt, padded_vocab_size
 
     quiet_known_warnings()
 
@@ -126,11 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "load": None, "save_interval": None, "use_distributed_optimizer": None,
               "use_cpu_initialization": None, "eval_iters": 0,
               # Evaluation is eager (CUDA graphs replay training steps only), on any device.
-              "cuda_graph_impl": "none",
-              # The vocabulary was padded for the TRAINING tensor-parallel size; keep that padding
-              # (the embedding's shape) although this run uses TP=1.
-              "make_vocab_size_divisible_by": saved.get("make_vocab_size_divisible_by", 128)
-              * saved.get("tensor_model_parallel_size", 1)}
+              "cuda_graph_impl": "none"}
     cuda = torch.cuda.is_available()
     if not cuda:
         values["bf16"] = False
@@ -140,6 +137,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.micro_batch_size:
             cfg.micro_batch_size = args.micro_batch_size
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), cuda)
+        # The vocabulary was padded for the TRAINING tensor-parallel size: build exactly the
+        # saved rows in this layout (padded again for this TP, the extra output rows would never
+        # be loaded, yet enter the softmax).
+        vocab = padded_vocab_size(dataclasses.replace(
+            cfg, make_vocab_size_divisible_by=saved.get("make_vocab_size_divisible_by", 128),
+            tensor_model_parallel_size=saved.get("tensor_model_parallel_size", 1)))
+        if vocab % cfg.tensor_model_parallel_size:
+            raise ConfigError(f"tensor_model_parallel_size: {cfg.tensor_model_parallel_size} "
+                              f"does not divide the checkpoint's padded vocabulary ({vocab})")
+        cfg.make_vocab_size_divisible_by = vocab // cfg.tensor_model_parallel_size
     except ConfigError as e:
         if main_rank:
             print(f"config error: {e}", file=sys.stderr)

@@ -1,0 +1,122 @@
+"""`python -m megatron_bigmac.evaluate` on a tiny checkpoint (2 iterations of tiny BigMac on mock
+data, one process): the same perplexity at TP=1 and at TP=2 (2 gloo processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Three documents: the JSON-lines reader ends each with <|endoftext|>.
+DOCUMENTS = [
+    "The quick brown fox jumps over the lazy dog near the river bank, while three small birds "
+    "watch from an old oak tree and the farmer walks slowly home across the wide green field.",
+    "Robert Boulter is an English film, television and theatre actor. He had a guest starring "
+    "role on the television series The Bill in 2000, followed by a role in a play.",
+    "In 2006 he starred alongside Whishaw in the play Citizenship written by Mark Ravenhill, and "
+    "appeared on a 2006 episode of the television series Doctors, followed by a film role.",
+]
+TP2 = ("tensor_model_parallel_size=2", "sequence_parallel=true", "expert_tensor_parallel_size=1")
+
+
+def env(cache: Path) -> dict:
+    return dict(os.environ, MEGATRON_BIGMAC_CACHE=str(cache), CUDA_VISIBLE_DEVICES="",
+                OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(cache, tmp_path_factory) -> Path:
+    """A save directory of tiny BigMac after 2 iterations (TP=1, EP=1; vocabulary 50,304)."""
+    out = tmp_path_factory.mktemp("ckpt")
+    cmd = [sys.executable, "-m", "megatron_bigmac.train", "--config",
+           str(ROOT / "configs" / "tiny" / "bigmac.yaml"), "expert_model_parallel_size=1",
+           "train_iters=2", "lr_warmup_iters=1", "mock_data=true", "train_data_path=[]",
+           "valid_data_path=[]", "eval_iters=0", f"save={out}", f"log_dir={out}"]
+    r = subprocess.run(cmd, env=env(cache), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCUMENTS))
+    return path
+
+
+def evaluate(cache: Path, load: Path, data: Path, *overrides: str, nproc: int = 1) -> dict:
+    """The --json result line of the evaluate CLI (under torchrun when ``nproc`` > 1)."""
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable])
+    r = subprocess.run([*launch, "-m", "megatron_bigmac.evaluate", "--load", str(load), "--data",
+                        str(data), "--seq-length", "32", "--json", *overrides],
+                       env=env(cache), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tp1(cache, checkpoint, documents) -> dict:
+    return evaluate(cache, checkpoint, documents)
+
+
+def test_tensor_parallel_2_gives_the_one_process_perplexity(cache, checkpoint, documents, tp1):
+    """The model keeps the checkpoint's padded vocabulary in any layout: padded again for TP=2,
+    its extra (never loaded) output rows would enter the softmax."""
+    tp2 = evaluate(cache, checkpoint, documents, *TP2, nproc=2)
+    assert tp2["tokens"] == tp1["tokens"] > 100
+    assert tp2["loss"] == pytest.approx(tp1["loss"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ refusals
+def refuse(capsys, *argv: str) -> str:
+    """Run the CLI in this process on arguments it must refuse before it builds a model: exit 2,
+    one line on stderr (returned)."""
+    from megatron_bigmac import evaluate as cli
+
+    assert cli.main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture
+def no_model(monkeypatch, cache):
+    """Building the model fails the test: the refusals come before it."""
+    from megatron_bigmac.training import distributed, model
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(distributed, "init_distributed", built)
+    monkeypatch.setattr(model, "build_gpt", built)
+    monkeypatch.setenv("MEGATRON_BIGMAC_CACHE", str(cache))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def test_tensor_parallel_size_that_does_not_divide_the_saved_vocabulary_is_refused(
+        checkpoint, documents, no_model, monkeypatch, capsys):
+    from megatron.core import dist_checkpointing
+
+    load_common = dist_checkpointing.load_common_state_dict
+
+    def unpadded(path):  # a checkpoint trained with make_vocab_size_divisible_by=1: 50,257 rows
+        common = load_common(path)
+        common["config"]["make_vocab_size_divisible_by"] = 1
+        return common
+
+    monkeypatch.setattr(dist_checkpointing, "load_common_state_dict", unpadded)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = refuse(capsys, "--load", str(checkpoint), "--data", str(documents), *TP2)
+    assert err == ("config error: tensor_model_parallel_size: 2 does not divide the checkpoint's "
+                   "padded vocabulary (50257)\n")
