@@ -33,7 +33,8 @@ import numpy as np
 
 
 def read_tokens(data: str, cfg, tokenizer) -> np.ndarray:
-    """All tokens of ``data`` (see module docstring) as one int64 array."""
+    """All tokens of ``data`` (see module docstring) as one int64 array. Raises OSError or
+    ValueError for data that cannot be read."""
     from megatron_bigmac.training.data import prepare_samples, resolve_prefix
 
     if data.startswith("sample:") and not Path(data[len("sample:"):]).exists():
@@ -47,14 +48,21 @@ def read_tokens(data: str, cfg, tokenizer) -> np.ndarray:
         dataset = IndexedDataset(prefix)
         return np.concatenate([dataset[i] for i in range(len(dataset))]).astype(np.int64)
     if not os.path.isfile(data):
-        raise FileNotFoundError(f"--data: {data} is neither a dataset prefix nor a file")
+        raise FileNotFoundError(f"{data} is neither a dataset prefix nor a file")
     opener = gzip.open if data.endswith(".gz") else open
     with opener(data, "rt", encoding="utf-8") as f:
         if ".jsonl" in data or data.endswith((".json", ".json.gz")):
             ids: List[int] = []
-            for line in f:
-                if line.strip():
-                    ids += tokenizer.tokenize(json.loads(line)["text"]) + [tokenizer.eod]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):  # not JSON, no "text", not an object
+                    text = None
+                if not isinstance(text, str):
+                    raise ValueError(f'{data} line {number}: not a JSON object with a "text" string')
+                ids += tokenizer.tokenize(text) + [tokenizer.eod]
             return np.asarray(ids, dtype=np.int64)
         return np.asarray(tokenizer.tokenize(f.read()), dtype=np.int64)
 
@@ -158,6 +166,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"--seq-length", file=sys.stderr)
         return 2
 
+    # The data before the model: a bad --data is found in seconds, not after a large load.
+    tokenizer = build_tokenizer(cfg.tokenizer_dir)
+    try:
+        tokens = read_tokens(args.data, cfg, tokenizer)
+    except (OSError, ValueError) as e:
+        if main_rank:
+            print(f"error: --data: {e}", file=sys.stderr)
+        return 2
+    if args.max_tokens:
+        tokens = tokens[: args.max_tokens]
+    if len(tokens) < 2:  # the first token is never scored
+        if main_rank:
+            print(f"error: --data: {args.data} has {len(tokens)} tokens; at least 2 are needed",
+                  file=sys.stderr)
+        return 2
+    rows = windows(tokens, seq_length, stride)
+
     try:
         ctx = init_distributed(cfg)
         set_seed(cfg.seed)
@@ -167,11 +192,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         load_model_weights(model, where)
         model.eval()
 
-        tokenizer = build_tokenizer(cfg.tokenizer_dir)
-        tokens = read_tokens(args.data, cfg, tokenizer)
-        if args.max_tokens:
-            tokens = tokens[: args.max_tokens]
-        rows = windows(tokens, seq_length, stride)
         # Every rank runs the same number of forward passes (MoE dispatch is collective):
         # rank r takes rows r, r + DP, ...; missing rows are padding with an empty mask.
         mbs = cfg.micro_batch_size

@@ -1,5 +1,6 @@
 """`python -m megatron_bigmac.evaluate` on a tiny checkpoint (2 iterations of tiny BigMac on mock
-data, one process): the same perplexity at TP=1 and at TP=2 (2 gloo processes)."""
+data, one process): the same perplexity at TP=1 and at TP=2 (2 gloo processes); bad arguments
+and unreadable data refused in one line (exit 2) before a model is built."""
 
 from __future__ import annotations
 
@@ -120,3 +121,20 @@ def test_tensor_parallel_size_that_does_not_divide_the_saved_vocabulary_is_refus
     err = refuse(capsys, "--load", str(checkpoint), "--data", str(documents), *TP2)
     assert err == ("config error: tensor_model_parallel_size: 2 does not divide the checkpoint's "
                    "padded vocabulary (50257)\n")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.txt", None, "is neither a dataset prefix nor a file"),
+    ("empty.txt", "", "0 tokens; at least 2 are needed"),
+    ("empty.jsonl", "", "0 tokens; at least 2 are needed"),
+    ("one.txt", "Hello", "1 tokens; at least 2 are needed"),
+    ("bad.jsonl", '{"text": "fine"}\nnot json\n', 'line 2: not a JSON object with a "text" string'),
+    ("notext.jsonl", '{"body": "x"}\n', 'line 1: not a JSON object with a "text" string'),
+])
+def test_bad_data_is_refused_in_one_line_before_the_model(checkpoint, no_model, tmp_path, capsys,
+                                                          name, content, message):
+    data = tmp_path / name
+    if content is not None:
+        data.write_text(content)
+    err = refuse(capsys, "--load", str(checkpoint), "--data", str(data))
+    assert err.startswith(f"error: --data: {data}") and message in err, err
