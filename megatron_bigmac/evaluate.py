@@ -5,13 +5,13 @@
     torchrun --nproc_per_node 2 -m megatron_bigmac.evaluate --load CKPT --data PREFIX \\
         expert_model_parallel_size=2
 
-``--data`` is a megatron-core dataset prefix (``.bin``/``.idx``, or ``sample:NAME`` for a shipped
-sample), a plain text file (read as one stream: ``.txt``, ``.raw``, ...) or JSON lines
-(``.jsonl``/``.jsonl.gz``, one document per line in ``text``, documents separated by
-<|endoftext|> as in training). The tokens are cut into windows of ``--seq-length`` (default: the
-checkpoint's); with ``--stride`` below it, windows overlap and only their last ``stride`` tokens
-are scored, so each token is scored once with more context. Perplexity is exp of the mean
-negative log-likelihood over all scored tokens.
+``--data`` is a megatron-core dataset prefix (``PREFIX`` of ``PREFIX.bin``/``PREFIX.idx``, or
+either file's path; ``sample:NAME`` for a shipped sample), a plain text file (read as one stream:
+``.txt``, ``.raw``, ...) or JSON lines (``.jsonl``/``.jsonl.gz``, one document per line in
+``text``, documents separated by <|endoftext|> as in training). The tokens are cut into windows of
+``--seq-length`` (default: the checkpoint's); with ``--stride`` below it, windows overlap and only
+their last ``stride`` tokens are scored, so each token is scored once with more context.
+Perplexity is exp of the mean negative log-likelihood over all scored tokens.
 
 The model is rebuilt from the config saved in the checkpoint, in any layout (``key=value``
 overrides such as ``expert_model_parallel_size=2``; default one process per data-parallel rank).
@@ -42,11 +42,15 @@ def read_tokens(data: str, cfg, tokenizer) -> np.ndarray:
         cfg.valid_data_path = [data]
         prepare_samples(cfg)
     prefix = resolve_prefix(data, cfg)
+    if prefix.endswith((".bin", ".idx")):  # one of the indexed dataset's files names its prefix
+        prefix = prefix[: -len(".bin")]
     if os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin"):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         dataset = IndexedDataset(prefix)
         return np.concatenate([dataset[i] for i in range(len(dataset))]).astype(np.int64)
+    if data.endswith((".bin", ".idx")):  # binary: never read as text
+        raise FileNotFoundError(f"{data}: no indexed dataset {prefix}.bin + {prefix}.idx")
     if not os.path.isfile(data):
         raise FileNotFoundError(f"{data} is neither a dataset prefix nor a file")
     opener = gzip.open if data.endswith(".gz") else open
@@ -61,7 +65,8 @@ def read_tokens(data: str, cfg, tokenizer) -> np.ndarray:
                 except (ValueError, KeyError, TypeError):  # not JSON, no "text", not an object
                     text = None
                 if not isinstance(text, str):
-                    raise ValueError(f'{data} line {number}: not a JSON object with a "text" string')
+                    raise ValueError(f'{data} line {number}: not a JSON object with a "text" '
+                                     "string")
                 ids += tokenizer.tokenize(text) + [tokenizer.eod]
             return np.asarray(ids, dtype=np.int64)
         return np.asarray(tokenizer.tokenize(f.read()), dtype=np.int64)

@@ -128,6 +128,7 @@ def test_tensor_parallel_size_that_does_not_divide_the_saved_vocabulary_is_refus
     ("empty.txt", "", "0 tokens; at least 2 are needed"),
     ("empty.jsonl", "", "0 tokens; at least 2 are needed"),
     ("one.txt", "Hello", "1 tokens; at least 2 are needed"),
+    ("lone.bin", "not an indexed dataset", "no indexed dataset"),
     ("bad.jsonl", '{"text": "fine"}\nnot json\n', 'line 2: not a JSON object with a "text" string'),
     ("notext.jsonl", '{"body": "x"}\n', 'line 1: not a JSON object with a "text" string'),
 ])
@@ -138,3 +139,22 @@ def test_bad_data_is_refused_in_one_line_before_the_model(checkpoint, no_model, 
         data.write_text(content)
     err = refuse(capsys, "--load", str(checkpoint), "--data", str(data))
     assert err.startswith(f"error: --data: {data}") and message in err, err
+
+
+def test_indexed_dataset_is_read_by_its_prefix_or_either_file(tmp_path):
+    """PREFIX.bin and PREFIX.idx name the dataset too (the .bin was read as UTF-8 text)."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_bigmac.evaluate import read_tokens
+    from megatron_bigmac.training.config import TrainingConfig
+
+    prefix = str(tmp_path / "docs_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for document in ([10, 11, 12, 50256], [13, 14, 50256]):
+        builder.add_item(torch.tensor(document))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    for data in (prefix, prefix + ".bin", prefix + ".idx"):
+        assert read_tokens(data, TrainingConfig(), None).tolist() == [10, 11, 12, 50256, 13, 14, 50256]
