@@ -147,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         values.update(parse_overrides(args.overrides))
         cfg = from_dict(values)
-        if args.micro_batch_size:
+        if args.micro_batch_size is not None:  # 0 is refused by validate, not ignored
             cfg.micro_batch_size = args.micro_batch_size
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), cuda)
         # The vocabulary was padded for the TRAINING tensor-parallel size: build exactly the
@@ -164,11 +164,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if main_rank:
             print(f"config error: {e}", file=sys.stderr)
         return 2
-    seq_length = args.seq_length or cfg.seq_length
-    stride = args.stride or seq_length
-    if seq_length > cfg.max_position_embeddings or not 0 < stride <= seq_length:
-        print(f"error: --seq-length <= {cfg.max_position_embeddings} and 0 < --stride <= "
+    # "is None": 0 is a value to refuse, not a request for the default.
+    seq_length = args.seq_length if args.seq_length is not None else cfg.seq_length
+    stride = args.stride if args.stride is not None else seq_length
+    if not 0 < seq_length <= cfg.max_position_embeddings or not 0 < stride <= seq_length:
+        print(f"error: 0 < --seq-length <= {cfg.max_position_embeddings} and 0 < --stride <= "
               f"--seq-length", file=sys.stderr)
+        return 2
+    if args.max_tokens is not None and args.max_tokens < 2:
+        print("error: --max-tokens: at least 2 (the first token is never scored)", file=sys.stderr)
         return 2
 
     # The data before the model: a bad --data is found in seconds, not after a large load.
@@ -179,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if main_rank:
             print(f"error: --data: {e}", file=sys.stderr)
         return 2
-    if args.max_tokens:
+    if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
     if len(tokens) < 2:  # the first token is never scored
         if main_rank:

@@ -158,3 +158,18 @@ def test_indexed_dataset_is_read_by_its_prefix_or_either_file(tmp_path):
     builder.finalize(prefix + ".idx")
     for data in (prefix, prefix + ".bin", prefix + ".idx"):
         assert read_tokens(data, TrainingConfig(), None).tolist() == [10, 11, 12, 50256, 13, 14, 50256]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--stride", "0", "error: 0 < --seq-length <= 64 and 0 < --stride <= --seq-length"),
+    ("--stride", "65", "error: 0 < --seq-length <= 64 and 0 < --stride <= --seq-length"),
+    ("--seq-length", "0", "error: 0 < --seq-length <= 64 and 0 < --stride <= --seq-length"),
+    ("--seq-length", "65", "error: 0 < --seq-length <= 64 and 0 < --stride <= --seq-length"),
+    ("--max-tokens", "0", "error: --max-tokens: at least 2"),
+    ("--micro-batch-size", "0", "config error: micro_batch_size"),
+])
+def test_zero_and_out_of_range_options_are_refused(checkpoint, documents, no_model, capsys,
+                                                   option, value, message):
+    """0 is refused, not taken for "the default" (--stride 0 ran with stride 64)."""
+    err = refuse(capsys, "--load", str(checkpoint), "--data", str(documents), option, value)
+    assert err.startswith(message), err
