@@ -11,7 +11,9 @@ either file's path; ``sample:NAME`` for a shipped sample), a plain text file (re
 ``text``, documents separated by <|endoftext|> as in training). The tokens are cut into windows of
 ``--seq-length`` (default: the checkpoint's); with ``--stride`` below it, windows overlap and only
 their last ``stride`` tokens are scored, so each token is scored once with more context.
-Perplexity is exp of the mean negative log-likelihood over all scored tokens.
+Perplexity is exp of the mean negative log-likelihood over all scored tokens. A checkpoint trained
+with ``eod_mask_loss`` is evaluated like its training: the token after each <|endoftext|> is not
+scored.
 
 The model is rebuilt from the config saved in the checkpoint, in any layout (``key=value``
 overrides such as ``expert_model_parallel_size=2``; default one process per data-parallel rank).
@@ -72,8 +74,10 @@ def read_tokens(data: str, cfg, tokenizer) -> np.ndarray:
         return np.asarray(tokenizer.tokenize(f.read()), dtype=np.int64)
 
 
-def windows(tokens: np.ndarray, seq_length: int, stride: int):
-    """(inputs, labels, loss_mask) rows covering every token but the first exactly once."""
+def windows(tokens: np.ndarray, seq_length: int, stride: int, eod: Optional[int] = None):
+    """(inputs, labels, loss_mask) rows covering every token but the first exactly once. With
+    ``eod``, positions whose input is ``eod`` are not scored (training's eod_mask_loss, as
+    megatron-core's GPTDataset masks them: the first token of each next document)."""
     rows = []
     n = len(tokens) - 1  # positions that have a next token to predict
     start = 0
@@ -86,6 +90,8 @@ def windows(tokens: np.ndarray, seq_length: int, stride: int):
         labels[: end - start] = tokens[start + 1 : end + 1]
         first_scored = 0 if start == 0 else seq_length - stride
         mask[first_scored : end - start] = 1.0
+        if eod is not None:
+            mask[inputs == eod] = 0.0
         rows.append((inputs, labels, mask))
         if end >= n:
             return rows
@@ -190,7 +196,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: --data: {args.data} has {len(tokens)} tokens; at least 2 are needed",
                   file=sys.stderr)
         return 2
-    rows = windows(tokens, seq_length, stride)
+    rows = windows(tokens, seq_length, stride, tokenizer.eod if cfg.eod_mask_loss else None)
+    if not any(mask.any() for _, _, mask in rows):
+        if main_rank:
+            print(f"error: --data: {args.data}: no token to score (every one follows "
+                  f"<|endoftext|>, and eod_mask_loss is on)", file=sys.stderr)
+        return 2
 
     try:
         ctx = init_distributed(cfg)
@@ -223,12 +234,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if main_rank:
         result = {"checkpoint": str(where), "data": args.data, "tokens": scored, "loss": nll,
-                  "perplexity": math.exp(nll), "seq_length": seq_length, "stride": stride}
+                  "perplexity": math.exp(nll), "seq_length": seq_length, "stride": stride,
+                  "eod_mask_loss": cfg.eod_mask_loss}
         if args.json:
             print(json.dumps(result))
         else:
+            unscored = np.count_nonzero(tokens[:-1] == tokenizer.eod) if cfg.eod_mask_loss else 0
+            skipped = (f" ({unscored:,} after <|endoftext|> not scored: eod_mask_loss)"
+                       if unscored else "")
             print(f"{args.data}: perplexity {result['perplexity']:,.2f} (loss {nll:.4f} nats/token "
-                  f"over {scored:,} tokens; windows of {seq_length}, stride {stride})")
+                  f"over {scored:,} tokens{skipped}; windows of {seq_length}, stride {stride})")
     return 0
 
 

@@ -1,5 +1,6 @@
 """`python -m megatron_bigmac.evaluate` on a tiny checkpoint (2 iterations of tiny BigMac on mock
-data, one process): the same perplexity at TP=1 and at TP=2 (2 gloo processes); bad arguments
+data, one process): the same perplexity at TP=1 and at TP=2 (2 gloo processes); eod_mask_loss
+scores what training scores; bad arguments
 and unreadable data refused in one line (exit 2) before a model is built."""
 
 from __future__ import annotations
@@ -77,6 +78,24 @@ def test_tensor_parallel_2_gives_the_one_process_perplexity(cache, checkpoint, d
     tp2 = evaluate(cache, checkpoint, documents, *TP2, nproc=2)
     assert tp2["tokens"] == tp1["tokens"] > 100
     assert tp2["loss"] == pytest.approx(tp1["loss"], abs=1e-6)
+
+
+def test_eod_mask_loss_leaves_the_tokens_after_each_document_end_unscored(
+        cache, checkpoint, documents, tp1):
+    """As megatron-core's GPTDataset in training: positions whose input is <|endoftext|> (the
+    first token of the next document) are not scored. Three documents: two such positions."""
+    masked = evaluate(cache, checkpoint, documents, "eod_mask_loss=true")
+    assert tp1["eod_mask_loss"] is False and masked["eod_mask_loss"] is True
+    assert masked["tokens"] == tp1["tokens"] - (len(DOCUMENTS) - 1)
+    assert masked["loss"] != tp1["loss"]
+
+
+def test_data_with_nothing_to_score_under_eod_mask_loss_is_refused(checkpoint, no_model, tmp_path,
+                                                                   capsys):
+    data = tmp_path / "ends.jsonl"
+    data.write_text('{"text": ""}\n' * 3)  # <|endoftext|> x 3: every target follows one
+    err = refuse(capsys, "--load", str(checkpoint), "--data", str(data), "eod_mask_loss=true")
+    assert err.startswith(f"error: --data: {data}: no token to score"), err
 
 
 # ------------------------------------------------------------------------------ refusals
@@ -157,7 +176,8 @@ def test_indexed_dataset_is_read_by_its_prefix_or_either_file(tmp_path):
         builder.end_document()
     builder.finalize(prefix + ".idx")
     for data in (prefix, prefix + ".bin", prefix + ".idx"):
-        assert read_tokens(data, TrainingConfig(), None).tolist() == [10, 11, 12, 50256, 13, 14, 50256]
+        tokens = read_tokens(data, TrainingConfig(), None)
+        assert tokens.tolist() == [10, 11, 12, 50256, 13, 14, 50256]
 
 
 @pytest.mark.parametrize("option, value, message", [
