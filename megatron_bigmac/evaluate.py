@@ -128,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_bigmac.training.distributed import (
         destroy_distributed, init_distributed, set_seed,
     )
-    from megatron_bigmac.training.metrics import quiet_known_warnings
+    from megatron_bigmac.training.metrics import perplexity, quiet_known_warnings, strict_json
     from megatron_bigmac.training.model import Float16Module, build_gpt, padded_vocab_size
 
     quiet_known_warnings()
@@ -234,10 +234,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if main_rank:
         result = {"checkpoint": str(where), "data": args.data, "tokens": scored, "loss": nll,
-                  "perplexity": math.exp(nll), "seq_length": seq_length, "stride": stride,
+                  "perplexity": perplexity(nll), "seq_length": seq_length, "stride": stride,
                   "eod_mask_loss": cfg.eod_mask_loss}
         if args.json:
-            print(json.dumps(result))
+            print(strict_json(result))  # a diverged checkpoint's NaN loss as null
         else:
             unscored = np.count_nonzero(tokens[:-1] == tokenizer.eod) if cfg.eod_mask_loss else 0
             skipped = (f" ({unscored:,} after <|endoftext|> not scored: eod_mask_loss)"

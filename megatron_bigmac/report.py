@@ -10,7 +10,8 @@ after training (WikiText-2, ...) are read from ``evaluations.jsonl`` in the run 
 line per ``python -m megatron_bigmac.evaluate --json`` (append its output to the file).
 
 ``--out`` receives ``README.md`` (the report), ``val_ppl_vs_tokens.png``, ``val_ppl_vs_time.png``,
-``train_loss_vs_tokens.png`` and ``summary.json`` (the table's values, unrounded).
+``train_loss_vs_tokens.png`` and ``summary.json`` (the table's values, unrounded; strict JSON: a
+diverged run's NaN perplexity is null).
 
 Definitions (also stated in the report):
 
@@ -119,12 +120,14 @@ def read_jsonl(path: Path) -> Tuple[List[dict], int]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)  # json reads NaN/Infinity as Python writes them
+                record = json.loads(line)  # also NaN/Infinity, as older logs wrote them
             except json.JSONDecodeError:
                 malformed += 1
                 continue
             if isinstance(record, dict):
-                records.append(record)
+                # The writers write a non-finite number as null (strict JSON): read it as NaN,
+                # so a null loss or perplexity marks the run diverged and plots skip it.
+                records.append({k: math.nan if v is None else v for k, v in record.items()})
             else:
                 malformed += 1
     return records, malformed
@@ -748,7 +751,10 @@ def build_report(paths: Sequence[str], out: str, baseline: Optional[str] = None,
     path.write_text(report + "\n")
     summary = {"target_ppl": target, "target_source": target_source, "baseline": base["name"],
                "runs": [{**row, "ratios": ratios(row, base)} for row in rows]}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from megatron_bigmac.training.metrics import strict_json
+
+    # A diverged run's NaN perplexity as null: strict JSON, which any parser reads.
+    (out_dir / "summary.json").write_text(strict_json(summary, indent=2) + "\n")
     return path
 
 

@@ -263,3 +263,42 @@ def test_runs_table_resolves_expert_width_and_lists_other_config_differences(rea
     lines = [line for line in markdown.splitlines() if line.startswith("- **other**")]
     assert lines == [f"- **other**: clip_grad `0.5` ({real_run.name}: `{config['clip_grad']}`), "
                      f"moe_latent_init absent ({real_run.name}: `variance_preserving`)"]
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN/Infinity (not JSON: JavaScript's JSON.parse fails on them)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_diverged_run_is_written_as_strict_json_and_reported_as_diverged(tmp_path):
+    """The trainer's writer logs a NaN loss (and the NaN grad norm of a skipped step) as null; the
+    report reads null as non-finite and writes its own NaN perplexity as null too."""
+    from megatron_bigmac.training.metrics import MetricsLogger
+
+    run = tmp_path / "diverged"
+    logger = MetricsLogger(str(run), train_iters=4, enabled=True,
+                           tensorboard_dir=str(tmp_path / "tb"))
+    nan = float("nan")
+    for step, loss in ((2, 5.0), (4, nan)):
+        logger.write({"kind": "train", "step": step, "consumed_samples": 4 * step, "lm_loss": loss,
+                      "lr": 1e-3, "grad_norm": 1.0 if loss == loss else nan, "step_time_s": 1.0,
+                      "tokens_per_s": 128.0})
+        logger.write({"kind": "eval", "step": step, "lm_loss": loss, "perplexity": math.exp(loss),
+                      "tokens": 128})
+    logger.close()
+    (run / "config.yaml").write_text("global_batch_size: 4\nseq_length: 32\ntrain_iters: 4\n")
+
+    lines = [_strict(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train, evaluation = [r for r in lines if r["step"] == 4]
+    assert train["lm_loss"] is None and train["grad_norm"] is None
+    assert evaluation["lm_loss"] is None and evaluation["perplexity"] is None
+    path = report.build_report([str(run)], str(tmp_path / "out"))
+    row = table(path.read_text(), "## Results")["diverged"]
+    assert row["status"] == "diverged (it. 4)" and row["final val ppl"] == "NaN"
+    assert number(row["best val ppl"]) == round(math.exp(5.0), 2)
+    summary = _strict((path.parent / "summary.json").read_text())
+    assert summary["runs"][0]["final_val_ppl"] is None
+    assert summary["runs"][0]["val_ppl_by_step"] == {"2": math.exp(5.0)}

@@ -44,6 +44,24 @@ def format_config(values: dict, width: int = 100) -> str:
                                    break_on_hyphens=False))
 
 
+def finite_or_none(value):
+    """``value`` with every NaN/Infinity float in it (in dicts and lists too) as None: JSON has no
+    such numbers (Python writes them bare, which strict parsers such as JavaScript's reject), so
+    the files say null, which their readers take as non-finite."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value, **kwargs) -> str:
+    """``json.dumps`` of ``value`` as strict JSON: non-finite floats become null."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
+
+
 #: Dense bf16 peak of one H100/H200 SXM (989 TFLOP/s), for MFU.
 H100_BF16_PEAK_TFLOPS = 989.0
 
@@ -114,7 +132,8 @@ def _bar(fraction: float, width: int = 20) -> str:
 
 class MetricsLogger:
     """Writes metrics on the main rank: ``<log_dir>/metrics.jsonl`` (one JSON object per logging
-    step or evaluation, appended across resumes), TensorBoard scalars, and the console."""
+    step or evaluation, appended across resumes; a diverged NaN loss as null), TensorBoard
+    scalars, and the console."""
 
     def __init__(self, log_dir: str, train_iters: int, enabled: bool,
                  tensorboard_dir: Optional[str] = None):
@@ -142,7 +161,7 @@ class MetricsLogger:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(strict_json(record) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
