@@ -6,9 +6,10 @@
 Each config is trained by the real runner (`python -m megatron_bigmac.train`, one process, the
 config's own batch sizes and precision) for --iters iterations on mock data (random tokens: no
 corpus needed; throughput does not depend on the text), one after the other, --rounds times in
-turn. The first --skip logged intervals (warm-up, allocator growth) are dropped; the JSON keeps
-every interval, the table the median. ``--set key=value`` (repeatable) overrides a key in every
-run, e.g. ``--set micro_batch_size=32``; ``CONFIG@key=value,key=value`` overrides keys in one
+turn. The first --skip logged intervals (warm-up, allocator growth) are dropped, and so is a last
+interval shorter than --log-interval (the trainer also logs the last iteration); the JSON keeps
+every full interval, the table their median. ``--set key=value`` (repeatable) overrides a key in
+every run, e.g. ``--set micro_batch_size=32``; ``CONFIG@key=value,key=value`` overrides keys in one
 run only, for variants of one config side by side:
 
     python benchmarks/train_mfu.py --out x.json configs/small/bigmac.yaml \
@@ -100,7 +101,8 @@ def main() -> None:
         raise SystemExit(f"--baseline: {args.baseline} has no megatron_bigmac/train.py")
     overrides = args.set
     if args.iters // args.log_interval <= args.skip:
-        raise SystemExit("--iters: too few iterations to keep an interval after --skip")
+        raise SystemExit("--iters: no full logging interval left after --skip (--iters // "
+                         "--log-interval must exceed --skip)")
 
     runs = [(entry, None) for entry in args.configs]
     if args.baseline:
@@ -114,7 +116,9 @@ def main() -> None:
                 run_overrides = overrides + [kv for kv in own.split(",") if kv]
                 records = run_one(config, args.iters, args.log_interval, run_overrides, Path(tmp),
                                   code)
-                results[name] += records[args.skip:]
+                # Full intervals only: a shorter last one would count as much in the median.
+                results[name] += [r for r in records[args.skip:]
+                                  if r["step"] % args.log_interval == 0]
                 # Written after every run: a time limit or a crash keeps what was measured.
                 report = write_report(args, overrides, results)
 

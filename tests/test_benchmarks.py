@@ -139,3 +139,35 @@ def test_train_mfu_runs_each_config_with_the_current_and_the_baseline_code(tmp_p
         assert entry["summary"]["intervals"] == 3 and entry["summary"]["tokens_per_s"] > 0
     assert (baseline / "megatron_bigmac" / "IMPORTED").exists()
     assert not (ROOT / "megatron_bigmac" / "IMPORTED").exists()
+
+
+def _train_mfu():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_mfu", ROOT / "benchmarks" / "train_mfu.py")
+    train_mfu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_mfu)
+    return train_mfu
+
+
+def test_train_mfu_keeps_full_logging_intervals_only(tmp_path, monkeypatch, capsys):
+    """--iters 5 --log-interval 2: the trainer logs steps 2, 4 and 5 (the last iteration); step
+    5's 1-iteration interval is not a logging interval's time and stays out of the median."""
+    import pytest
+
+    train_mfu = _train_mfu()
+    times = {2: 4.0, 4: 1.0, 5: 3.0}
+    records = [{"kind": "train", "step": s, "step_time_s": t, "tokens_per_s": 1 / t}
+               for s, t in times.items()]
+    monkeypatch.setattr(train_mfu, "run_one", lambda *args: records)
+    out = tmp_path / "mfu.json"
+    argv = ["train_mfu.py", "configs/tiny/bigmac.yaml", "--iters", "5", "--log-interval", "2",
+            "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv + ["--skip", "1"])
+    train_mfu.main()
+    summary = json.loads(out.read_text())["configs"]["configs/tiny/bigmac.yaml"]["summary"]
+    assert summary["intervals"] == 1 and summary["step_time_s"] == 1.0
+    # --skip 2 leaves no full interval: refused before anything runs.
+    monkeypatch.setattr(sys, "argv", argv + ["--skip", "2"])
+    with pytest.raises(SystemExit, match="no full logging interval"):
+        train_mfu.main()
