@@ -20,14 +20,18 @@ With it, the model config is a :class:`~megatron_bigmac.config.BigMacConfig` mad
 argument still applies), and the transformer layer spec is
 :func:`~megatron_bigmac.specs.get_moe_gpt_layer_spec`, handed to Megatron-LM's ``gpt_builder``
 through its ``--spec`` extension point (``args.spec`` names :data:`LAYER_SPEC` while the model is
-built). Megatron-LM itself is never imported here: ``bigmac_builder`` takes its builder and
-config function as arguments or from the running ``pretrain_gpt.py``.
+built). The builder also makes Megatron-LM's training loop count FLOPs (the logged throughput,
+``--log-throughput``) with :func:`num_floating_point_operations`, i.e. ``megatron_bigmac.costs``.
+Megatron-LM itself is never imported here: ``bigmac_builder`` takes its builder and config
+function as arguments or from the running ``pretrain_gpt.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import types
+from functools import partial
 from typing import Callable, Optional
 
 from megatron_bigmac.config import EXPERT_ACTIVATIONS, LATENT_INITS, STRUCTURES
@@ -109,13 +113,48 @@ def bigmac_config_from_args(args, config_from_args: Optional[Callable] = None, a
         # Megatron-LM's validate_args filled it from --ffn-hidden-size; the structure decides.
         args.moe_ffn_hidden_size = None
     config = config_from_args(args, config_class=BigMacConfig)
-    args.moe_ffn_hidden_size = config.moe_ffn_hidden_size  # for Megatron-LM's FLOPs/logging
+    args.moe_ffn_hidden_size = config.moe_ffn_hidden_size  # for Megatron-LM's logging and our FLOPs
     return config
+
+
+def num_floating_point_operations(args, batch_size, megatron_count: Optional[Callable] = None):
+    """Training FLOPs of one iteration of ``batch_size`` sequences from Megatron-LM's parsed
+    arguments: with --moe-structure ``megatron_bigmac.costs.training_flops_per_iteration``, else
+    ``megatron_count(args, batch_size)`` (Megatron-LM's own). Megatron-LM's formula counts each
+    expert as h x moe_ffn_hidden_size, about 2x BigMac's real count (experts at r*h, plus
+    W_down/W_up), so its throughput would not compare across the structures."""
+    if getattr(args, "moe_structure", None) is None:
+        return megatron_count(args, batch_size)
+    from megatron_bigmac import costs
+
+    # The config attribute names costs reads, mapped as core_transformer_config_from_args does.
+    config = types.SimpleNamespace(**dict(
+        vars(args), num_moe_experts=args.num_experts,
+        gated_linear_unit=bool(getattr(args, "swiglu", False) or getattr(args, "quick_geglu", False)),
+        num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else None,
+    ))
+    shape = costs.MoEModelShape.from_config(config, seq_length=args.seq_length,
+                                            padded_vocab_size=args.padded_vocab_size)
+    return costs.training_flops_per_iteration(shape, int(batch_size))
+
+
+def _count_flops_with_costs() -> None:
+    """Point Megatron-LM's training loop at :func:`num_floating_point_operations`: it calls
+    ``megatron.training.training.num_floating_point_operations`` by its module-level name (for
+    the logged TFLOP/s and the checkpointed FLOPs), so replacing that attribute is enough."""
+    training = sys.modules.get("megatron.training.training")  # loaded: pretrain() lives there
+    if training is None:
+        return
+    count = training.num_floating_point_operations
+    if getattr(count, "func", None) is not num_floating_point_operations:  # not yet replaced
+        training.num_floating_point_operations = partial(num_floating_point_operations,
+                                                         megatron_count=count)
 
 
 def bigmac_builder(gpt_builder: Callable, config_from_args: Optional[Callable] = None) -> Callable:
     """Wrap Megatron-LM's ``gpt_builder`` (same signature): with ``--moe-structure`` it gets a
-    BigMacConfig and the project's layer spec; without, it is called unchanged."""
+    BigMacConfig and the project's layer spec, and Megatron-LM counts FLOPs with
+    :func:`num_floating_point_operations`; without, it is called unchanged."""
 
     def builder(args, pre_process=True, post_process=True, vp_stage=None, config=None,
                 pg_collection=None):
@@ -128,6 +167,7 @@ def bigmac_builder(gpt_builder: Callable, config_from_args: Optional[Callable] =
             config = bigmac_config_from_args(args, config_from_args)
         if getattr(args, "mtp_num_layers", None):
             raise ValueError("--moe-structure does not support --mtp-num-layers")
+        _count_flops_with_costs()
         global LAYER_SPEC
         LAYER_SPEC = get_moe_gpt_layer_spec(
             config, normalization=args.normalization, pg_collection=pg_collection

@@ -335,6 +335,65 @@ def test_bigmac_config_from_args_errors_and_explicit_ffn():
     assert config.moe_ffn_hidden_size == 16  # r*h
 
 
+def _paper_args(structure):
+    """Megatron-LM's parsed args for the paper's GPT3-XL (docs/launch.md's command), as the
+    training loop sees them once bigmac_builder has set the experts' width."""
+    from megatron_bigmac import costs
+
+    shape = costs.paper_shape(structure)
+    return _megatron_args(moe_structure=structure, num_layers=24, hidden_size=2048,
+                          num_attention_heads=16, seq_length=2048, padded_vocab_size=50304,
+                          num_experts=shape.num_experts, moe_router_topk=shape.topk,
+                          moe_ffn_hidden_size=shape.expert_ffn_hidden_size, swiglu=False,
+                          group_query_attention=False, num_query_groups=16, add_bias_linear=False)
+
+
+@pytest.mark.parametrize("structure", ["bigmac", "fine_grained", "vanilla"])
+def test_flops_count_is_costs_for_every_structure(structure):
+    """What Megatron-LM's loop logs (--log-throughput) with --moe-structure: costs' count, not
+    Megatron-LM's h x moe_ffn_hidden_size experts (2x BigMac's)."""
+    from megatron_bigmac import costs
+    from megatron_bigmac.megatron_lm import num_floating_point_operations
+
+    def megatron_count(args, batch_size):
+        raise AssertionError("Megatron-LM's count used with --moe-structure")
+
+    flops = num_floating_point_operations(_paper_args(structure), 256, megatron_count)
+    assert flops == costs.training_flops_per_iteration(costs.paper_shape(structure), 256)
+    if structure == "bigmac":
+        assert round(flops / 1e12, 2) == 3649.00  # the paper's Table 4
+
+
+def test_flops_count_without_structure_is_megatron_lms():
+    from megatron_bigmac.megatron_lm import num_floating_point_operations
+
+    args = _megatron_args(moe_structure=None)
+    assert num_floating_point_operations(args, 8, lambda a, b: ("megatron", a, b)) == ("megatron", args, 8)
+
+
+def test_bigmac_builder_makes_megatron_lm_count_flops_with_costs(monkeypatch):
+    """The training loop calls megatron.training.training.num_floating_point_operations by name:
+    building a --moe-structure model replaces it once; a stock build leaves it alone."""
+    import megatron_bigmac.megatron_lm as glue
+
+    def megatron_count(args, batch_size):
+        return "megatron"
+
+    training = types.ModuleType("megatron.training.training")
+    training.num_floating_point_operations = megatron_count
+    monkeypatch.setitem(sys.modules, "megatron.training.training", training)
+    build = glue.bigmac_builder(lambda *a, **k: "model", config_from_args=_config_from_args)
+    build(_megatron_args(moe_structure=None), True, True)
+    assert training.num_floating_point_operations is megatron_count
+    for _ in range(2):  # the model of every virtual pipeline stage is built
+        build(_megatron_args(), True, True)
+    count = training.num_floating_point_operations
+    assert count.func is glue.num_floating_point_operations and count.keywords == {"megatron_count": megatron_count}
+    assert count(_megatron_args(moe_structure=None), 4) == "megatron"
+    args = _megatron_args(seq_length=32, padded_vocab_size=128, moe_ffn_hidden_size=64)
+    assert count(args, 4) == glue.num_floating_point_operations(args, 4)
+
+
 # ------------------------------------------------------------------------------ the patch set
 def test_patch_set_is_small_and_touches_only_pretrain_gpt():
     patches = sorted(PATCH_DIR.glob("*.patch"))
@@ -437,15 +496,23 @@ loss.float().mean().backward()
 print("built", type(model.config).__name__, model.config.moe_structure,
       type(model.decoder.layers[0].mlp).__name__, model.config.moe_ffn_hidden_size,
       torch.isfinite(loss).all().item())
+# What Megatron-LM's training loop logs as throughput, against costs for the model just built.
+from megatron.training import training
+from megatron_bigmac import costs
+shape = costs.MoEModelShape.from_config(model.config, seq_length=32, padded_vocab_size=128)
+print("flops", training.num_floating_point_operations(args, 2),
+      costs.training_flops_per_iteration(shape, 2))
 '''
 
 
 @pytest.mark.parametrize("structure,layer,ffn", [("bigmac", "BigMacMoELayer", 64),
-                                                  ("fine_grained", "GroupedMoELayer", 16)])
+                                                  ("fine_grained", "GroupedMoELayer", 16),
+                                                  ("vanilla", "GroupedMoELayer", 256)])
 def test_megatron_lm_arguments_build_and_run_the_model(megatron_lm_copy, tmp_path, structure,
                                                        layer, ffn):
     """Megatron-LM's own parse_args/validate_args/core_transformer_config_from_args/gpt_builder
-    with the glue: one forward and backward on CPU (1 process, gloo)."""
+    with the glue: one forward and backward on CPU (1 process, gloo), and Megatron-LM's FLOPs
+    count (its logged throughput) equal to costs' for the model built."""
     script = tmp_path / "build.py"
     script.write_text(MEGATRON_LM_BUILD)
     with socket.socket() as s:
@@ -461,3 +528,5 @@ def test_megatron_lm_arguments_build_and_run_the_model(megatron_lm_copy, tmp_pat
                     "MEGATRON_LM_PYTHON")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"built BigMacConfig {structure} {layer} {ffn} True" in r.stdout
+    logged, own = re.search(r"^flops (\S+) (\S+)$", r.stdout, flags=re.M).groups()
+    assert float(logged) == float(own) > 0
