@@ -2,7 +2,8 @@
 """Check that a config's parallel sizes fit a launch, before any process starts.
 
 Used by scripts/torchrun.sh and scripts/slurm/pretrain.sbatch; it reads only YAML (no torch
-import), so it answers in a fraction of a second on a login node.
+import), so it answers in a fraction of a second on a login node. Configs and overrides are read
+by the trainer's own code (megatron_bigmac/training/config.py), so both accept the same input.
 
     python scripts/launch_plan.py --config configs/paper/gpt3_xl_bigmac.yaml \
         --nnodes 4 --nproc-per-node 8 [--format text|shell] [key=value ...]
@@ -19,62 +20,56 @@ Exit status 0 and a summary when they hold; 2 and one line per broken rule other
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import os
 import shlex
 import sys
 from typing import Any
 
-BASE_KEYS = ("extends", "base", "defaults")  # a config may name the file(s) it builds on
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 class PlanError(Exception):
     """A launch that cannot work; the message says why in one line per problem."""
 
 
-def _read_yaml(path: str) -> dict:
-    import yaml
+@functools.lru_cache(maxsize=None)
+def _trainer_config():
+    """The trainer's megatron_bigmac/training/config.py (read_yaml, parse_overrides, _coerce),
+    loaded from its file: it needs only yaml, while importing the package would apply its
+    megatron-core shims (torch, seconds)."""
+    name = "_megatron_bigmac_training_config"
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "megatron_bigmac", "training", "config.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and typing.get_type_hints look the module up
+    spec.loader.exec_module(module)
+    return module
 
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise PlanError(f"config {path}: the top level is not a mapping of keys to values")
-    return data
 
-
-def load_config(path: str, overrides: list[str] = (), _seen: tuple = ()) -> dict[str, Any]:
-    """The config's keys after its base files and the command line's key=value overrides."""
-    import yaml
-
+def load_config(path: str, overrides: list[str] = ()) -> dict[str, Any]:
+    """The config's keys after its ``extends`` chain and the command line's key=value overrides,
+    as the trainer reads them."""
+    trainer = _trainer_config()
     if not os.path.isfile(path):
         raise PlanError(f"config not found: {path}")
-    real = os.path.realpath(path)
-    if real in _seen:
-        raise PlanError(f"config {path}: base files include each other")
-    data = _read_yaml(path)
-    merged: dict[str, Any] = {}
-    for key in BASE_KEYS:
-        bases = data.pop(key, None)
-        if bases is None:
-            continue
-        for base in [bases] if isinstance(bases, str) else list(bases):
-            base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-            merged.update(load_config(base_path, (), _seen + (real,)))
-    merged.update(data)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise PlanError(f"argument {item!r} is not of the form key=value")
-        merged[key.strip().lstrip("-").replace("-", "_")] = yaml.safe_load(value) if value else None
+    try:
+        merged = trainer.read_yaml(path)
+        merged.update(trainer.parse_overrides(overrides))
+    except (OSError, ValueError) as e:  # ConfigError is a ValueError; its message is one line
+        raise PlanError(str(e)) from None
     return merged
 
 
 def _int(cfg: dict, key: str, default: int | None) -> int | None:
-    value = cfg.get(key, default)
+    value = cfg.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PlanError(f"{key}: expected an integer, got {value!r}")
-    return value
+    try:
+        return _trainer_config()._coerce(key, value, int)  # 16.0 and "1.6e+1" are 16, as in the trainer
+    except ValueError as e:
+        raise PlanError(str(e)) from None
 
 
 def plan(cfg: dict, nnodes: int, nproc_per_node: int) -> dict[str, Any]:
@@ -133,7 +128,8 @@ def plan(cfg: dict, nnodes: int, nproc_per_node: int) -> dict[str, Any]:
     return dict(nnodes=nnodes, nproc_per_node=nproc_per_node, world_size=world, tp=tp, pp=pp,
                 cp=cp, ep=ep, etp=etp, dp=dp, expert_dp=edp, num_experts=experts,
                 micro_batch_size=mbs, global_batch_size=gbs, grad_accumulation=accumulation,
-                moe_structure=cfg.get("moe_structure"), train_iters=cfg.get("train_iters"))
+                moe_structure=cfg.get("moe_structure"),
+                train_iters=_int(cfg, "train_iters", None))
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

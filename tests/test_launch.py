@@ -222,12 +222,41 @@ def test_plan_follows_extends_and_overrides(tmp_path):
     ({"expert_model_parallel_size": 4, "num_experts": 6}, "num_experts=6 is not divisible by expert_model_parallel_size=4"),
     ({"tensor_model_parallel_size": 4, "num_attention_heads": 6}, "num_attention_heads=6 is not divisible"),
     ({"micro_batch_size": 4, "global_batch_size": 36}, "global_batch_size=36 is not divisible by micro_batch_size x DP = 4 x 8"),
-    ({"tensor_model_parallel_size": "4"}, "tensor_model_parallel_size: expected an integer"),
+    ({"tensor_model_parallel_size": "four"}, "tensor_model_parallel_size: expected an integer"),
+    ({"tensor_model_parallel_size": 2.5}, "tensor_model_parallel_size: expected an integer"),
 ])
 def test_plan_rejects(cfg, message):
     lp = load_launch_plan()
     with pytest.raises(lp.PlanError, match=re.escape(message)):
         lp.plan(cfg, nnodes=1, nproc_per_node=8)
+
+
+def test_plan_reads_overrides_like_the_trainer():
+    """Integers written as floats or 1e3, and values YAML cannot parse, as the trainer takes them."""
+    lp = load_launch_plan()
+    cfg = lp.load_config(str(TINY), ["global_batch_size=1.6e+1", "micro_batch_size=8.0",
+                                     "train_iters=1e3", "save=@ckpt", "log-dir=%runs"])
+    assert (cfg["save"], cfg["log_dir"]) == ("@ckpt", "%runs")
+    p = lp.plan(cfg, nnodes=1, nproc_per_node=2)
+    assert (p["global_batch_size"], p["micro_batch_size"], p["train_iters"]) == (16, 8, 1000)
+
+
+def test_plan_follows_extends_of_a_config_reached_through_a_symlink(tmp_path):
+    """extends is relative to the real file, as in the trainer (configs/small/fine_grained.yaml
+    extends base.yaml)."""
+    lp = load_launch_plan()
+    (tmp_path / "my_run.yaml").symlink_to(ROOT / "configs" / "small" / "fine_grained.yaml")
+    cfg = lp.load_config(str(tmp_path / "my_run.yaml"))
+    assert cfg == lp.load_config(str(ROOT / "configs" / "small" / "fine_grained.yaml"))
+    assert cfg["moe_structure"] == "fine_grained" and "num_layers" in cfg  # from base.yaml
+
+
+@pytest.mark.parametrize("text", ["num_layers: [2,\n", "- a list\n"])
+def test_launcher_config_errors_are_one_line(tmp_path, text):
+    (tmp_path / "bad.yaml").write_text(text)
+    r = run([TORCHRUN_SH, "--dry-run", tmp_path / "bad.yaml"], env={"NPROC": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: config: "), r.stderr
 
 
 def test_expand_nodelist_like_scontrol():
