@@ -108,6 +108,9 @@ def plan(cfg: dict, nnodes: int, nproc_per_node: int) -> dict[str, Any]:
         fits = [n for n in range(1, 9) if (n * nproc_per_node) % step == 0][:3]
         hint = (f"; with {nproc_per_node} per node, {' or '.join(map(str, fits))} node(s) fit"
                 if fits else f"; the world size must be a multiple of {step}")
+        procs = list(range(step, 9, step))[:3]
+        if nnodes == 1 and procs:  # one node: more processes may be the fix (NPROC on CPUs)
+            hint += f", or {' or '.join(map(str, procs))} process(es) on one node (--nproc/NPROC)"
         raise PlanError("; ".join(problems) + hint)
     dp = world // model
     edp = world // expert

@@ -259,6 +259,12 @@ def test_launcher_config_errors_are_one_line(tmp_path, text):
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: config: "), r.stderr
 
 
+def test_one_node_hint_names_process_counts():
+    r = run([TORCHRUN_SH, "--dry-run", TINY], env={"NPROC": "1"})
+    assert r.returncode == 2
+    assert "2 or 4 or 6 node(s) fit, or 2 or 4 or 6 process(es) on one node (--nproc/NPROC)" in r.stderr
+
+
 def test_expand_nodelist_like_scontrol():
     lp = load_launch_plan()
     assert lp.expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
