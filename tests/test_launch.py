@@ -195,6 +195,21 @@ def test_sbatch_dry_run_node_count_that_does_not_fit():
             "(megatron-core's expert groups); with 8 per node, 2 or 4 or 6 node(s) fit") in r.stderr
 
 
+@pytest.mark.parametrize("gpus", ["h100:8", "gpu:h100:8"])
+def test_sbatch_dry_run_typed_gpus_per_node(gpus):
+    """SLURM's TYPE:COUNT form of --gpus-per-node gives COUNT processes per node."""
+    r = run([SBATCH, "--dry-run", "--nodes=2", f"--gpus-per-node={gpus}", TINY,
+             "global_batch_size=128"])
+    assert r.returncode == 0, r.stderr
+    assert "nodes:       2 (<allocation>), 8 process(es) per node" in r.stdout
+
+
+def test_sbatch_rejects_a_gpu_count_that_is_not_one():
+    r = run([SBATCH, "--dry-run", "--gpus-per-node=h100", TINY])
+    assert r.returncode == 2
+    assert "--gpus-per-node: expected a count (or TYPE:COUNT), got 'h100'" in r.stderr
+
+
 def test_sbatch_missing_config():
     r = run([SBATCH, "--dry-run", "configs/paper/no_such.yaml"])
     assert r.returncode == 2 and "config not found: configs/paper/no_such.yaml" in r.stderr
