@@ -17,9 +17,9 @@
 #   NODE_RANK        this node's index; 0 is the node that hosts the rendezvous
 #   RDZV_HOST, RDZV_PORT (default 29500), RDZV_ID (default: $SLURM_JOB_ID or "bigmac")
 #   RDZV_WAIT        seconds a node other than the first waits for the rendezvous host (300)
-#   NCCL_IB_HCA, NCCL_IB_GID_INDEX, NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME: used as given;
-#                    where unset on a multi-node launch, picked from this node's active
-#                    InfiniBand ports (/sys/class/infiniband) and IPoIB interface, if any.
+#   NCCL_IB_HCA, NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME: used as given; where unset on a
+#                    multi-node launch, picked from this node's active InfiniBand ports
+#                    (/sys/class/infiniband; not RoCE) and IPoIB interface, if any.
 #
 # Signals: SIGUSR1 to this script (SLURM's --signal, through srun) is passed to the training
 # processes, which checkpoint and exit; torchrun itself ignores it. SIGTERM/SIGINT go to torchrun,
@@ -96,25 +96,25 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
     export OMP_NUM_THREADS=$(( cpus / nproc > 0 ? cpus / nproc : 1 ))
 fi
 
-# InfiniBand for NCCL on multi-node launches, unless the environment already chose.
+# InfiniBand for NCCL on multi-node launches, unless the environment already chose. Only ports
+# whose link layer is InfiniBand: mlx5 NICs in Ethernet mode (storage, frontend) are no rails, and
+# the "=" list would pin NCCL to them. A node without InfiniBand ports keeps NCCL's own choice.
+# NCCL_IB_GID_INDEX is never set: InfiniBand needs none, and for RoCE NCCL >= 2.21 (torch >= 2.6
+# ships it) picks a RoCE v2 GID itself, where a fixed index (3) depends on the NIC's addresses.
+ib_class=${BIGMAC_TEST_SYSFS:-/sys}/class/infiniband   # BIGMAC_TEST_SYSFS: a fake /sys, for tests
 ib_notes=()
-if [ "$nnodes" -gt 1 ] && [ -d /sys/class/infiniband ]; then
-    ib_ports=(); roce=0
-    for port_dir in /sys/class/infiniband/*/ports/*; do
+if [ "$nnodes" -gt 1 ] && [ -d "$ib_class" ]; then
+    ib_ports=(); skipped=()
+    for port_dir in "$ib_class"/*/ports/*; do
         [ -r "$port_dir/state" ] || continue
         grep -q ACTIVE "$port_dir/state" || continue
-        dev=$(basename "$(dirname "$(dirname "$port_dir")")")
+        port=$(basename "$(dirname "$(dirname "$port_dir")")"):$(basename "$port_dir")
         layer=$(cat "$port_dir/link_layer" 2>/dev/null || echo InfiniBand)
-        [ "$layer" = Ethernet ] && roce=1
-        ib_ports+=("$dev:$(basename "$port_dir")")
+        if [ "$layer" = InfiniBand ]; then ib_ports+=("$port"); else skipped+=("$port"); fi
     done
     if [ -z "${NCCL_IB_HCA+x}" ] && [ ${#ib_ports[@]} -gt 0 ]; then
         export NCCL_IB_HCA="=$(IFS=,; echo "${ib_ports[*]}")"
-        ib_notes+=("NCCL_IB_HCA=$NCCL_IB_HCA (active ports found)")
-    fi
-    if [ -z "${NCCL_IB_GID_INDEX+x}" ] && [ "$roce" = 1 ]; then
-        export NCCL_IB_GID_INDEX=3   # RoCE v2 over IPv4, the usual index
-        ib_notes+=("NCCL_IB_GID_INDEX=3 (RoCE)")
+        ib_notes+=("NCCL_IB_HCA=$NCCL_IB_HCA (active InfiniBand ports${skipped[0]:+; not the Ethernet/RoCE ports ${skipped[*]}})")
     fi
     if [ -z "${NCCL_SOCKET_IFNAME+x}" ]; then
         ipoib=$(ip -o -4 addr show 2>/dev/null | awk '$2 ~ /^ib/ {print $2; exit}' || true)

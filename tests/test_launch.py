@@ -33,7 +33,8 @@ PAPER_XL = [ROOT / "configs" / "paper" / f"gpt3_xl_{s}.yaml" for s in ("bigmac",
 
 def run(cmd, env=None, timeout=120, cwd=ROOT):
     full_env = dict(os.environ, PYTHON=sys.executable)
-    for key in ("NPROC", "NNODES", "NODE_RANK", "RDZV_HOST", "RDZV_PORT", "SLURM_JOB_ID"):
+    for key in ("NPROC", "NNODES", "NODE_RANK", "RDZV_HOST", "RDZV_PORT", "SLURM_JOB_ID",
+                "NCCL_IB_HCA", "NCCL_IB_GID_INDEX", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
         full_env.pop(key, None)
     full_env.update(env or {})
     return subprocess.run([str(c) for c in cmd], env=full_env, cwd=cwd, capture_output=True,
@@ -137,6 +138,44 @@ def test_torchrun_world_size_must_fit_expert_parallelism():
 def test_torchrun_rejects_stray_argument():
     r = run([TORCHRUN_SH, TINY, "train_iters"], env={"NPROC": "2"})
     assert r.returncode == 2 and "'train_iters' is not of the form key=value" in r.stderr
+
+
+def fake_node(tmp_path, ports, ipoib=""):
+    """A fake /sys/class/infiniband (port name -> (state, link layer)) and an `ip` that shows
+    `ipoib` as an interface with an IPv4 address; the environment for a 2-node dry run."""
+    for port, (state, layer) in ports.items():
+        dev, number = port.split(":")
+        d = tmp_path / "sys" / "class" / "infiniband" / dev / "ports" / number
+        d.mkdir(parents=True)
+        (d / "state").write_text(state + "\n")
+        (d / "link_layer").write_text(layer + "\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    line = f"echo '3: {ipoib}    inet 10.0.0.5/16 brd 10.0.255.255 scope global {ipoib}'" if ipoib else ""
+    (bin_dir / "ip").write_text(f"#!/bin/sh\n{line}\n")
+    (bin_dir / "ip").chmod(0o755)
+    return {"BIGMAC_TEST_SYSFS": str(tmp_path / "sys"), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "NNODES": "2", "NODE_RANK": "0", "RDZV_HOST": "localhost", "NPROC": "1"}
+
+
+def test_torchrun_picks_only_infiniband_ports(tmp_path):
+    """A DGX-like node: InfiniBand compute HCAs, mlx5 NICs in Ethernet mode (storage), a port
+    down. Only the active InfiniBand ports go to NCCL, and no GID index is set."""
+    ports = {f"mlx5_{i}:1": ("4: ACTIVE", "InfiniBand") for i in range(4)}
+    ports.update({"mlx5_8:1": ("4: ACTIVE", "Ethernet"), "mlx5_9:1": ("1: DOWN", "InfiniBand")})
+    r = run([TORCHRUN_SH, "--dry-run", TINY], env=fake_node(tmp_path, ports, ipoib="ibp24s0"))
+    assert r.returncode == 0, r.stderr
+    assert ("auto: NCCL_IB_HCA==mlx5_0:1,mlx5_1:1,mlx5_2:1,mlx5_3:1 (active InfiniBand ports; "
+            "not the Ethernet/RoCE ports mlx5_8:1)") in r.stdout
+    assert "auto: NCCL_SOCKET_IFNAME=ibp24s0 (IPoIB)" in r.stdout
+    assert "GID_INDEX" not in r.stdout
+
+
+def test_torchrun_leaves_roce_only_nodes_to_nccl(tmp_path):
+    ports = {"mlx5_0:1": ("4: ACTIVE", "Ethernet"), "mlx5_1:1": ("4: ACTIVE", "Ethernet")}
+    r = run([TORCHRUN_SH, "--dry-run", TINY], env=fake_node(tmp_path, ports))
+    assert r.returncode == 0, r.stderr
+    assert "auto:" not in r.stdout
 
 
 def test_unresolvable_rendezvous_host():
