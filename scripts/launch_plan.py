@@ -132,7 +132,8 @@ def plan(cfg: dict, nnodes: int, nproc_per_node: int) -> dict[str, Any]:
                 cp=cp, ep=ep, etp=etp, dp=dp, expert_dp=edp, num_experts=experts,
                 micro_batch_size=mbs, global_batch_size=gbs, grad_accumulation=accumulation,
                 moe_structure=cfg.get("moe_structure"),
-                train_iters=_int(cfg, "train_iters", None))
+                train_iters=_int(cfg, "train_iters", None),
+                data_cache_path=cfg.get("data_cache_path"))
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

@@ -17,6 +17,9 @@
 #   NODE_RANK        this node's index; 0 is the node that hosts the rendezvous
 #   RDZV_HOST, RDZV_PORT (default 29500), RDZV_ID (default: $SLURM_JOB_ID or "bigmac")
 #   RDZV_WAIT        seconds a node other than the first waits for the rendezvous host (300)
+#   MEGATRON_BIGMAC_CACHE  the trainer's data cache (unless the config has data_cache_path):
+#                    rank 0 writes the dataset indices there and every node reads them, so on
+#                    several nodes it must be a shared directory (pretrain.sbatch sets one)
 #   NCCL_IB_HCA, NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME: used as given; where unset on a
 #                    multi-node launch, picked from this node's active InfiniBand ports
 #                    (/sys/class/infiniband; not RoCE) and IPoIB interface, if any.
@@ -126,6 +129,11 @@ if [ "$nnodes" -gt 1 ] && [ -d "$ib_class" ]; then
     fi
 fi
 
+notes=()
+if [ "$nnodes" -gt 1 ] && [ -z "${MEGATRON_BIGMAC_CACHE:-}" ] && [ -z "$PLAN_DATA_CACHE_PATH" ]; then
+    notes+=("neither MEGATRON_BIGMAC_CACHE nor data_cache_path is set: the data cache is ~/.cache/megatron_bigmac, which every node must share")
+fi
+
 # ------------------------------------------------------------------ rendezvous
 if [ "$nnodes" -eq 1 ] && [ -z "${RDZV_HOST:-}" ]; then
     rdzv=(--standalone)
@@ -149,6 +157,7 @@ if [ "$dry_run" = 1 ]; then
     echo "rendezvous: $rdzv_text"
     echo "$PLAN_SUMMARY"
     for note in "${ib_notes[@]}"; do echo "auto: $note"; done
+    for note in "${notes[@]}"; do echo "note: $note"; done
     echo "env: CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS=$OMP_NUM_THREADS"
     printf 'command:'; printf ' %q' "${cmd[@]}"; echo
     exit 0
@@ -179,6 +188,7 @@ fi
 
 echo "torchrun.sh: $(hostname -s): rendezvous $rdzv_text; $(head -n1 <<<"$PLAN_SUMMARY")"
 for note in "${ib_notes[@]}"; do echo "torchrun.sh: auto: $note"; done
+for note in "${notes[@]}"; do echo "torchrun.sh: note: $note"; done
 
 # torchrun ignores SIGUSR1 (it would die of it); this shell passes it to the training processes,
 # which SLURM may also have signalled directly (handling it twice must be harmless).

@@ -34,7 +34,8 @@ PAPER_XL = [ROOT / "configs" / "paper" / f"gpt3_xl_{s}.yaml" for s in ("bigmac",
 def run(cmd, env=None, timeout=120, cwd=ROOT):
     full_env = dict(os.environ, PYTHON=sys.executable)
     for key in ("NPROC", "NNODES", "NODE_RANK", "RDZV_HOST", "RDZV_PORT", "SLURM_JOB_ID",
-                "NCCL_IB_HCA", "NCCL_IB_GID_INDEX", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+                "NCCL_IB_HCA", "NCCL_IB_GID_INDEX", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME",
+                "MEGATRON_BIGMAC_CACHE"):
         full_env.pop(key, None)
     full_env.update(env or {})
     return subprocess.run([str(c) for c in cmd], env=full_env, cwd=cwd, capture_output=True,
@@ -222,6 +223,28 @@ def test_sbatch_dry_run_without_nodelist_names_the_first_node():
     assert r.returncode == 0, r.stderr
     assert "world size 4 (2 node(s) x 2 process(es))" in r.stdout
     assert "rendezvous:  c10d at <first node>:29500" in r.stdout
+
+
+def test_sbatch_data_cache_is_in_the_run_dir_unless_set():
+    """megatron-core's indices, written by rank 0 and read by every node, go to the shared run
+    dir rather than the trainer's default ~/.cache (node-local on many clusters)."""
+    r = run([SBATCH, "--dry-run", "--nodes=2", "--nproc=1", TINY])
+    assert r.returncode == 0, r.stderr
+    assert "data cache:  runs/slurm/bigmac-JOBID/cache (MEGATRON_BIGMAC_CACHE" in r.stdout
+    assert "note:" not in r.stdout  # torchrun.sh sees the cache set
+    r = run([SBATCH, "--dry-run", "--nodes=2", "--nproc=1", TINY],
+            env={"MEGATRON_BIGMAC_CACHE": "/shared/cache"})
+    assert "data cache:  /shared/cache (MEGATRON_BIGMAC_CACHE" in r.stdout
+
+
+def test_torchrun_multi_node_notes_an_unshared_data_cache():
+    env = {"NNODES": "2", "NODE_RANK": "0", "RDZV_HOST": "localhost", "NPROC": "1"}
+    r = run([TORCHRUN_SH, "--dry-run", TINY], env=env)
+    assert r.returncode == 0, r.stderr
+    assert "note: neither MEGATRON_BIGMAC_CACHE nor data_cache_path is set" in r.stdout
+    for extra, more_env in ((["data_cache_path=/shared/cache"], {}), ([], {"MEGATRON_BIGMAC_CACHE": "/shared"})):
+        r = run([TORCHRUN_SH, "--dry-run", TINY, *extra], env={**env, **more_env})
+        assert r.returncode == 0 and "note:" not in r.stdout, r.stdout + r.stderr
 
 
 def test_sbatch_dry_run_node_count_that_does_not_fit():

@@ -109,7 +109,9 @@ def unique(prefix):
 def test_tiny_bigmac_two_cpu_processes(tmp_path):
     name = unique("tiny")
     # Only the resources differ from a GPU run: 2 CPUs per task -> 2 CPU processes.
-    r = sbatch(tmp_path, name, [TINY, "train_iters=4", *TINY_ARGS], cpus=2)
+    env = job_env()
+    env.pop("MEGATRON_BIGMAC_CACHE", None)
+    r = sbatch(tmp_path, name, [TINY, "train_iters=4", *TINY_ARGS], cpus=2, env=env)
     job_id = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
     log = (tmp_path / f"{name}-{job_id}.out").read_text()
     assert r.returncode == 0, log[-4000:]
@@ -127,6 +129,8 @@ def test_tiny_bigmac_two_cpu_processes(tmp_path):
     metrics = [json.loads(l) for l in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["kind"] == "train"] == [1, 2, 3, 4]
     assert list((run_dir / "logs").glob("node0/*/attempt_0/1/stdout.log"))  # rank 1's own log
+    # The data cache (megatron-core's indices, read by every node) defaults to the shared run dir.
+    assert list((run_dir / "cache").rglob("*.npy")), sorted((run_dir / "cache").rglob("*"))
 
 
 def test_usr1_checkpoints_requeues_and_resumes(tmp_path):
