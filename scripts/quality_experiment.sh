@@ -23,7 +23,8 @@
 #       scripts/quality_experiment.sh ../shared/data /tmp/qwork /tmp/qout 20     # 2 CPU processes
 #
 # Environment (all optional):
-#   CONFIG_DIR   directory holding {vanilla,fine_grained,bigmac}.yaml (default configs/small)
+#   CONFIG_DIR   directory holding {vanilla,fine_grained,bigmac}.yaml (default configs/small;
+#                a relative path starts at the caller's directory, else at the repository)
 #   STRUCTURES   which configs of CONFIG_DIR to train, in order (default "vanilla fine_grained
 #                bigmac"; any other NAME.yaml there works too, e.g. a variant); the
 #                report covers every run directory in WORK_DIR
@@ -67,7 +68,12 @@ OUT_DIR=$(realpath -m "$3")
 ITERS=${4:-150}
 
 PYTHON=${PYTHON:-python3}
+# CONFIG_DIR and WIKITEXT are paths from the caller's directory (made absolute before the cd
+# below); a CONFIG_DIR that is not there, e.g. the default called from elsewhere, is the
+# repository's. Inside the repository it stays relative to it, as the report's title shows it.
 CONFIG_DIR=${CONFIG_DIR:-configs/small}
+[ ! -d "$CONFIG_DIR" ] || CONFIG_DIR=$(realpath -m -s --relative-base="$ROOT" "$CONFIG_DIR")
+[ -z "${WIKITEXT:-}" ] || WIKITEXT=$(realpath -m -s "$WIKITEXT")
 STRUCTURES=${STRUCTURES:-vanilla fine_grained bigmac}
 NPROC=${NPROC:-1}
 SHARDS=${SHARDS:-5}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -129,6 +130,20 @@ def test_bad_arguments(tmp_path, args, env, message):
     r = run_script(args, script_env(**env), timeout=30)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "w").exists()  # nothing created before the arguments are checked
+
+
+def test_config_dir_and_wikitext_relative_to_the_caller(tmp_path):
+    """Both are found from the caller's directory, not the repository root the script moves to:
+    the run stops only at the next check (an existing run directory)."""
+    caller = tmp_path / "caller"
+    shutil.copytree(ROOT / "configs" / "tiny", caller / "myconfigs")
+    (caller / "my_wikitext.raw").write_text("text\n")
+    (tmp_path / "work" / "runs" / "bigmac").mkdir(parents=True)
+    env = script_env(CONFIG_DIR="myconfigs", WIKITEXT="my_wikitext.raw", SHARDS="1",
+                     STRUCTURES="bigmac")
+    r = subprocess.run(["bash", str(SCRIPT), make_data_dir(tmp_path), tmp_path / "work", "out"],
+                       env=env, cwd=caller, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "runs/bigmac exists (FORCE=1 deletes it" in r.stderr, r.stderr
 
 
 def test_deadline_stops_a_long_run_by_itself_with_its_checkpoint(tmp_path):
