@@ -14,7 +14,8 @@ and then::
     torchrun ... pretrain_gpt.py --transformer-impl local --num-experts 64 --moe-router-topk 8 \
         --moe-structure bigmac --moe-low-rank-ratio 0.25 [--moe-expert-activation gelu] ...
 
-Without ``--moe-structure`` the patched script builds exactly what the unpatched one builds.
+Without ``--moe-structure`` the patched script builds exactly what the unpatched one builds (the
+import of ``megatron_bigmac`` still applies :mod:`megatron_bigmac.compat`'s shims process-wide).
 With it, the model config is a :class:`~megatron_bigmac.config.BigMacConfig` made by Megatron-LM's
 ``core_transformer_config_from_args(args, config_class=BigMacConfig)`` (so every Megatron-LM
 argument still applies), and the transformer layer spec is

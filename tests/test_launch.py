@@ -422,6 +422,16 @@ def test_bigmac_builder_hands_config_and_spec_to_megatron_lm():
     assert args.spec is None  # restored after the build
 
 
+def test_bigmac_builder_refuses_a_spec_of_the_users():
+    import megatron_bigmac.megatron_lm as glue
+
+    build = glue.bigmac_builder(lambda *a, **k: "model", config_from_args=_config_from_args)
+    args = _megatron_args(spec=["my_layers", "spec"])
+    with pytest.raises(ValueError, match="--moe-structure does not combine with --spec"):
+        build(args, True, True)
+    assert args.spec == ["my_layers", "spec"]
+
+
 def test_bigmac_builder_without_structure_is_megatron_lm_unchanged():
     import megatron_bigmac.megatron_lm as glue
 
