@@ -16,7 +16,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
 PYTHON=${PYTHON:-python3}
-die() { echo "apply_megatron_lm_patch.sh: error: $*" >&2; exit "${2:-2}"; }
+die() { echo "apply_megatron_lm_patch.sh: error: $1" >&2; exit "${2:-2}"; }
 say() { echo "apply_megatron_lm_patch.sh: $*"; }
 
 check_only=0; reverse=0; dir=""
@@ -72,6 +72,9 @@ for p in "${patches[@]}"; do
     else
         echo "--- git apply --check ${forward[*]} $name:" >&2
         gitapply --check "${forward[@]}" "$p" >&2 || true
+        if [ "$reverse" = 1 ]; then
+            die "$name cannot be taken out of $dir: was pretrain_gpt.py changed after the patch?" 1
+        fi
         die "$name does not apply to $dir: is it a clean $line checkout?" 1
     fi
 done

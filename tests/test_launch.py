@@ -544,6 +544,22 @@ def test_apply_script_rejects_an_unsupported_release(tmp_path):
     assert "no patch set for Megatron-LM 0.9.0 (release line core_r0.9.0); supported: core_r0.16.0" in r.stderr
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_apply_script_on_a_changed_pretrain_gpt(tmp_path, reverse):
+    """A 0.16 checkout whose pretrain_gpt.py the patch does not fit: git's hunk message, then
+    one error line (without the exit status in it), status 1."""
+    (tmp_path / "megatron" / "core").mkdir(parents=True)
+    (tmp_path / "pretrain_gpt.py").write_text("print('changed')\n")
+    (tmp_path / "megatron" / "core" / "package_info.py").write_text("MAJOR = 0\nMINOR = 16\nPATCH = 1\n")
+    r = run([APPLY, *(["--reverse"] if reverse else []), tmp_path])
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    if reverse:
+        assert last.endswith(f"cannot be taken out of {tmp_path}: was pretrain_gpt.py changed after the patch?"), last
+    else:
+        assert last.endswith(f"does not apply to {tmp_path}: is it a clean core_r0.16.0 checkout?"), last
+
+
 @pytest.fixture(scope="module")
 def megatron_lm_copy(tmp_path_factory):
     source = os.environ.get("MEGATRON_LM_DIR")
