@@ -272,6 +272,15 @@ def test_sbatch_rejects_a_gpu_count_that_is_not_one():
     assert "--gpus-per-node: expected a count (or TYPE:COUNT), got 'h100'" in r.stderr
 
 
+def test_sbatch_save_and_log_dir_of_the_user_win():
+    """Keys are read as the trainer reads them (log-dir is log_dir), so the job's own
+    save=/log_dir= do not silently replace the user's."""
+    r = run([SBATCH, "--dry-run", "--nodes=2", "--nproc=1", TINY, "save=/x/ckpt", "log-dir=/x/logs"])
+    assert r.returncode == 0, r.stderr
+    srun = r.stdout.split("srun:", 1)[1].splitlines()[0]
+    assert srun.endswith(" save=/x/ckpt log-dir=/x/logs"), srun
+
+
 def test_sbatch_missing_config():
     r = run([SBATCH, "--dry-run", "configs/paper/no_such.yaml"])
     assert r.returncode == 2 and "config not found: configs/paper/no_such.yaml" in r.stderr
