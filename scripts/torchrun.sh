@@ -34,6 +34,10 @@ ROOT=$(dirname "$HERE")
 PYTHON=${PYTHON:-python3}
 
 die() { echo "torchrun.sh: error: $1" >&2; exit "${2:-2}"; }
+# SIGUSR1 may come before torchrun starts (a node waiting up to RDZV_WAIT for node 0, a short
+# --time): without a handler bash dies of it. Remembered here; the training is then not started.
+early_usr1=0
+trap 'early_usr1=1' USR1
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
 dry_run=0
@@ -178,14 +182,18 @@ if [ "${rdzv[0]}" != --standalone ]; then
     else
         wait_s=${RDZV_WAIT:-300}
         start=$SECONDS; reached=0
-        while [ $(( SECONDS - start )) -lt "$wait_s" ]; do
+        while [ "$early_usr1" = 0 ] && [ $(( SECONDS - start )) -lt "$wait_s" ]; do
             if timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$RDZV_HOST" "$rdzv_port" 2>/dev/null; then reached=1; break; fi
             sleep 1
         done
-        [ "$reached" = 1 ] || die "cannot reach the rendezvous host $RDZV_HOST:$rdzv_port from $(hostname -s) within ${wait_s}s (is node 0 up? firewall? RDZV_HOST/RDZV_PORT/NCCL_SOCKET_IFNAME)" 3
+        [ "$reached" = 1 ] || [ "$early_usr1" = 1 ] || die "cannot reach the rendezvous host $RDZV_HOST:$rdzv_port from $(hostname -s) within ${wait_s}s (is node 0 up? firewall? RDZV_HOST/RDZV_PORT/NCCL_SOCKET_IFNAME)" 3
     fi
 fi
 
+if [ "$early_usr1" = 1 ]; then
+    echo "torchrun.sh: $(hostname -s): SIGUSR1 before the training started: not starting it"
+    exit 0
+fi
 echo "torchrun.sh: $(hostname -s): rendezvous $rdzv_text; $(head -n1 <<<"$PLAN_SUMMARY")"
 for note in "${ib_notes[@]}"; do echo "torchrun.sh: auto: $note"; done
 for note in "${notes[@]}"; do echo "torchrun.sh: note: $note"; done

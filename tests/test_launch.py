@@ -124,6 +124,26 @@ def test_torchrun_passes_sigusr1_to_the_training_processes_without_procps(tmp_pa
         assert (tmp_path / f"rank{rank}").read_text() == "USR1"
 
 
+def test_torchrun_sigusr1_before_the_training_starts(tmp_path):
+    """SIGUSR1 while a node waits for the rendezvous host (SLURM's time-limit warning can come
+    then): the script does not die of it (status 138) but stops without starting the training."""
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHON=sys.executable, NPROC="1", NNODES="2", NODE_RANK="1",
+               RDZV_HOST="127.0.0.1", RDZV_PORT=str(port), RDZV_WAIT="60")
+    proc = subprocess.Popen([str(TORCHRUN_SH), str(TINY)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(3)  # past the config check, into the wait for the rendezvous host
+        proc.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "SIGUSR1 before the training started: not starting it" in output
+
+
 def test_torchrun_missing_config():
     r = run([TORCHRUN_SH, "configs/tiny/no_such_config.yaml"], env={"NPROC": "2"})
     assert r.returncode != 0
@@ -279,6 +299,38 @@ def test_sbatch_save_and_log_dir_of_the_user_win():
     assert r.returncode == 0, r.stderr
     srun = r.stdout.split("srun:", 1)[1].splitlines()[0]
     assert srun.endswith(" save=/x/ckpt log-dir=/x/logs"), srun
+
+
+def test_sbatch_after_a_sigterm_says_stopped_not_failed(tmp_path):
+    """A job SLURM terminates (preemption, scancel: SIGTERM to every process of the job) ends
+    with "stopped by SIGTERM", not "training failed": torchrun exits 1 after a signal even when
+    its workers saved. SLURM is faked: scontrol, and an srun that exits 1 on SIGTERM."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\n[ \"$2\" = hostnames ] && echo localhost\nexit 0\n")
+    # srun waits a moment for its step (torchrun: the workers' checkpoint), then exits 1.
+    (bin_dir / "srun").write_text(f"#!/bin/sh\ntrap 'sleep 0.5; exit 1' TERM\ntouch {tmp_path}/running\n"
+                                  "sleep 60 & wait\n")
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env = dict(os.environ, PYTHON=sys.executable, PATH=f"{bin_dir}:{os.environ['PATH']}",
+               SLURM_JOB_ID="7", SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1",
+               SLURM_SUBMIT_DIR=str(tmp_path), NPROC="2")
+    proc = subprocess.Popen([str(SBATCH), str(TINY)], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "running").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, output
+    assert output.strip().splitlines()[-1] == (
+        "pretrain.sbatch: stopped by SIGTERM (preemption or scancel), exit status 1; last "
+        "checkpoint: iteration none in runs/slurm/bigmac-7/checkpoints"), output
 
 
 def test_sbatch_missing_config():
