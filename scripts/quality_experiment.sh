@@ -281,7 +281,7 @@ for s in $STRUCTURES; do
         result=$(grep '^{' "$run_dir/evaluate.out" | tail -n 1 || true)
         if [ "$rc" -eq 0 ] && [ -n "$result" ]; then
             echo "$result" >>"$run_dir/evaluations.jsonl"
-            "$PYTHON" -c 'import json, sys; r = json.loads(sys.argv[1]); print("    WikiText-2 perplexity %.2f over %d tokens" % (r["perplexity"], r["tokens"]))' "$result" || true
+            "$PYTHON" -c 'import json, sys; r = json.loads(sys.argv[1]); ppl = r["perplexity"]; print("    WikiText-2 perplexity %s over %d tokens" % ("NaN (diverged)" if ppl is None else "%.2f" % ppl, r["tokens"]))' "$result" || true
         else
             cat "$run_dir/evaluate.out" >>"$run_dir/evaluate.log"
             tail -n 15 "$run_dir/evaluate.log" | sed 's/^/    | /'
