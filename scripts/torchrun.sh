@@ -80,8 +80,11 @@ if [ -z "$nproc" ]; then
     nproc=$(( gpus > 0 ? gpus : 1 ))
 fi
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || die "--nproc/NPROC must be a positive integer, got '$nproc'"
+notes=()
 if [ "$gpus" -gt 0 ] && [ "$nproc" -gt "$gpus" ]; then
-    die "$nproc processes asked for but only $gpus GPU(s) visible on $(hostname -s)"
+    # A dry run often describes other nodes (pretrain.sbatch --dry-run on a login node): say it.
+    [ "$dry_run" = 1 ] || die "$nproc processes asked for but only $gpus GPU(s) visible on $(hostname -s)"
+    notes+=("$nproc processes per node, but this host ($(hostname -s)) sees $gpus GPU(s): a real launch here would stop")
 fi
 nnodes=${NNODES:-1}
 [[ "$nnodes" =~ ^[1-9][0-9]*$ ]] || die "NNODES must be a positive integer, got '$nnodes'"
@@ -133,7 +136,6 @@ if [ "$nnodes" -gt 1 ] && [ -d "$ib_class" ]; then
     fi
 fi
 
-notes=()
 if [ "$nnodes" -gt 1 ] && [ -z "${MEGATRON_BIGMAC_CACHE:-}" ] && [ -z "$PLAN_DATA_CACHE_PATH" ]; then
     notes+=("neither MEGATRON_BIGMAC_CACHE nor data_cache_path is set: the data cache is ~/.cache/megatron_bigmac, which every node must share")
 fi

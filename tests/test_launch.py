@@ -62,6 +62,17 @@ def test_torchrun_dry_run_cpu_processes():
     assert f"-m megatron_bigmac.train --config {TINY} train_iters=5" in command
 
 
+def test_torchrun_more_processes_than_gpus_stops_a_launch_but_not_a_dry_run():
+    """A dry run may describe other nodes (pretrain.sbatch --dry-run on a login node with a GPU)."""
+    env = {"NPROC": "2", "CUDA_VISIBLE_DEVICES": "0"}
+    r = run([TORCHRUN_SH, "--dry-run", TINY], env=env)
+    assert r.returncode == 0, r.stderr
+    assert "sees 1 GPU(s): a real launch here would stop" in r.stdout
+    r = run([TORCHRUN_SH, TINY], env=env)
+    assert r.returncode == 2
+    assert "2 processes asked for but only 1 GPU(s) visible on" in r.stderr
+
+
 def test_torchrun_flag_wins_over_env():
     r = run([TORCHRUN_SH, "--dry-run", "--nproc", "1", TINY, "expert_model_parallel_size=1"],
             env={"NPROC": "2"})
