@@ -89,7 +89,8 @@ def test_torchrun_launches_with_megatron_environment(tmp_path):
         f"open(os.path.join({str(tmp_path)!r}, 'probe' + os.environ['RANK']), 'w').write(line)\n"
     )
     r = run([TORCHRUN_SH, TINY, "train_iters=3"], timeout=120,
-            env={"NPROC": "2", "TRAIN_MODULE": "env_probe", "PYTHONPATH": str(tmp_path)})
+            env={"NPROC": "2", "TRAIN_MODULE": "env_probe", "PYTHONPATH": str(tmp_path),
+                 "CUDA_VISIBLE_DEVICES": ""})  # CPU processes, also on a host with one GPU
     assert r.returncode == 0, r.stdout + r.stderr
     for rank in range(2):
         line = (tmp_path / f"probe{rank}").read_text()
