@@ -90,7 +90,9 @@ nnodes=${NNODES:-1}
 [[ "$nnodes" =~ ^[1-9][0-9]*$ ]] || die "NNODES must be a positive integer, got '$nnodes'"
 
 # ------------------------------------------------------------------ parallel sizes fit?
-plan=$("$PYTHON" "$HERE/launch_plan.py" --config "$config" --nnodes "$nnodes" \
+# SLURM forwards a signal to every process of the step: the check ignores an early SIGUSR1
+# (the trap above remembers it) instead of dying of it.
+plan=$(trap '' USR1; "$PYTHON" "$HERE/launch_plan.py" --config "$config" --nnodes "$nnodes" \
         --nproc-per-node "$nproc" --format shell "${overrides[@]}") || exit 2
 eval "$plan"
 
@@ -186,7 +188,7 @@ if [ "${rdzv[0]}" != --standalone ]; then
         start=$SECONDS; reached=0
         while [ "$early_usr1" = 0 ] && [ $(( SECONDS - start )) -lt "$wait_s" ]; do
             if timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$RDZV_HOST" "$rdzv_port" 2>/dev/null; then reached=1; break; fi
-            sleep 1
+            sleep 1 || true  # a step-wide SIGUSR1 kills the sleep, not this script
         done
         [ "$reached" = 1 ] || [ "$early_usr1" = 1 ] || die "cannot reach the rendezvous host $RDZV_HOST:$rdzv_port from $(hostname -s) within ${wait_s}s (is node 0 up? firewall? RDZV_HOST/RDZV_PORT/NCCL_SOCKET_IFNAME)" 3
     fi
