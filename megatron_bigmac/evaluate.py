@@ -123,6 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron.core import dist_checkpointing
 
     from megatron_bigmac.data import build_tokenizer
+    from megatron_bigmac.data.tokenizer import TokenizerFilesError
     from megatron_bigmac.training.checkpoint import find_checkpoint, load_model_weights
     from megatron_bigmac.training.config import ConfigError, from_dict, parse_overrides, validate
     from megatron_bigmac.training.distributed import (
@@ -166,9 +167,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"tensor_model_parallel_size: {cfg.tensor_model_parallel_size} "
                               f"does not divide the checkpoint's padded vocabulary ({vocab})")
         cfg.make_vocab_size_divisible_by = vocab // cfg.tensor_model_parallel_size
+        tokenizer = build_tokenizer(cfg.tokenizer_dir)
     except ConfigError as e:
         if main_rank:
             print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except TokenizerFilesError as e:  # the checkpoint's tokenizer_dir is not on this machine
+        if main_rank:
+            print(f"config error: tokenizer_dir: {e} (the checkpoint's; give tokenizer_dir=DIR)",
+                  file=sys.stderr)
         return 2
     # "is None": 0 is a value to refuse, not a request for the default.
     seq_length = args.seq_length if args.seq_length is not None else cfg.seq_length
@@ -182,7 +189,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     # The data before the model: a bad --data is found in seconds, not after a large load.
-    tokenizer = build_tokenizer(cfg.tokenizer_dir)
     try:
         tokens = read_tokens(args.data, cfg, tokenizer)
     except (OSError, ValueError) as e:

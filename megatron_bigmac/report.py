@@ -302,9 +302,15 @@ def parameter_counts(config: Optional[dict]) -> Optional[Dict[str, int]]:
     from megatron_bigmac.costs import MoEModelShape, count_parameters
     from megatron_bigmac.training.model import padded_vocab_size
 
+    from megatron_bigmac.data.tokenizer import TokenizerFilesError
+
     cfg, model = built
     positions = cfg.max_position_embeddings or cfg.seq_length  # the learned table
-    counts = count_parameters(MoEModelShape.from_config(model, positions, padded_vocab_size(cfg)))
+    try:
+        vocab = padded_vocab_size(cfg)  # reads the run's tokenizer_dir, if it set one
+    except TokenizerFilesError:  # a cluster path not on this machine: no counts, no crash
+        return None
+    counts = count_parameters(MoEModelShape.from_config(model, positions, vocab))
     return {"total": counts["total"],
             "moe": counts["router"] + counts["projections"] + counts["experts"]}
 

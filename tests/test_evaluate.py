@@ -142,6 +142,29 @@ def test_tensor_parallel_size_that_does_not_divide_the_saved_vocabulary_is_refus
                    "padded vocabulary (50257)\n")
 
 
+def test_a_checkpoint_tokenizer_dir_missing_here_is_refused_in_one_line(
+        checkpoint, documents, no_model, monkeypatch, capsys, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    load_common = dist_checkpointing.load_common_state_dict
+    elsewhere = str(tmp_path / "cluster" / "tokenizer")  # trained with a path not on this machine
+
+    def trained_elsewhere(path):
+        common = load_common(path)
+        common["config"]["tokenizer_dir"] = elsewhere
+        return common
+
+    monkeypatch.setattr(dist_checkpointing, "load_common_state_dict", trained_elsewhere)
+    err = refuse(capsys, "--load", str(checkpoint), "--data", str(documents))
+    assert err == (f"config error: tokenizer_dir: tokenizer directory {elsewhere!r} does not "
+                   "exist (the checkpoint's; give tokenizer_dir=DIR)\n")
+    # ... and tokenizer_dir=DIR on the command line replaces it.
+    shipped = ROOT / "megatron_bigmac" / "assets" / "gpt2"
+    err = refuse(capsys, "--load", str(checkpoint), "--data", str(tmp_path / "none.txt"),
+                 f"tokenizer_dir={shipped}")
+    assert err.startswith("error: --data:"), err
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("missing.txt", None, "is neither a dataset prefix nor a file"),
     ("empty.txt", "", "0 tokens; at least 2 are needed"),

@@ -302,3 +302,19 @@ def test_diverged_run_is_written_as_strict_json_and_reported_as_diverged(tmp_pat
     summary = _strict((path.parent / "summary.json").read_text())
     assert summary["runs"][0]["final_val_ppl"] is None
     assert summary["runs"][0]["val_ppl_by_step"] == {"2": math.exp(5.0)}
+
+
+def test_run_whose_tokenizer_dir_is_not_here_is_reported_without_parameter_counts(real_run,
+                                                                                   tmp_path):
+    """A run trained with tokenizer_dir on a cluster path: the report (on another machine) has
+    no vocabulary for the parameter counts, leaves them out and still reports the run."""
+    import yaml
+
+    run = copy_run(real_run, tmp_path / "elsewhere")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["tokenizer_dir"] = str(tmp_path / "cluster" / "tokenizer")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    path = report.build_report([str(run)], str(tmp_path / "out"))
+    summary = json.loads((path.parent / "summary.json").read_text())
+    assert summary["runs"][0]["parameters"] is None
+    assert "elsewhere" in table(path.read_text(), "## Results")
