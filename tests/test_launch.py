@@ -136,46 +136,47 @@ def test_torchrun_passes_sigusr1_to_the_training_processes_without_procps(tmp_pa
         assert (tmp_path / f"rank{rank}").read_text() == "USR1"
 
 
+def sigusr1_to_the_step(args, env: dict, after_s: float) -> tuple:
+    """Start torchrun.sh in a process group of its own and send SIGUSR1 to the whole group
+    after ``after_s`` seconds, as SLURM signals every process of a job step (not bash alone).
+    Returns (exit status, output)."""
+    proc = subprocess.Popen([str(TORCHRUN_SH), *map(str, args)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        time.sleep(after_s)
+        os.killpg(proc.pid, signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, output
+
+
 def test_torchrun_sigusr1_before_the_training_starts(tmp_path):
     """SIGUSR1 while a node waits for the rendezvous host (SLURM's time-limit warning can come
-    then): the script does not die of it (status 138) but stops without starting the training.
-    SLURM signals every process of the step, so the signal goes to the whole process group
-    (the script's `sleep` and `timeout` children too), not to bash alone."""
+    then): the script, its `sleep` and `timeout` children included, does not die of it (status
+    138) but stops without starting the training."""
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHON=sys.executable, NPROC="1", NNODES="2", NODE_RANK="1",
                RDZV_HOST="127.0.0.1", RDZV_PORT=str(port), RDZV_WAIT="60")
-    proc = subprocess.Popen([str(TORCHRUN_SH), str(TINY)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        time.sleep(3)  # past the config check, into the wait for the rendezvous host
-        os.killpg(proc.pid, signal.SIGUSR1)
-        output, _ = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, output
+    # 3 s: past the config check, into the wait for the rendezvous host
+    status, output = sigusr1_to_the_step([TINY], env, after_s=3)
+    assert status == 0, output
     assert "SIGUSR1 before the training started: not starting it" in output
 
 
 def test_torchrun_sigusr1_during_the_config_check(tmp_path):
-    """A step-wide SIGUSR1 while launch_plan.py checks the config: the check ignores it, and
-    the script stops without starting the training (it exited 2, silently)."""
+    """SIGUSR1 while launch_plan.py checks the config: the check ignores it, and the script
+    stops without starting the training (it exited 2, silently)."""
     slow_python = tmp_path / "python"
     slow_python.write_text(f"#!/bin/sh\nsleep 3\nexec {sys.executable} \"$@\"\n")
     slow_python.chmod(0o755)
     env = dict(os.environ, PYTHON=str(slow_python), NPROC="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen([str(TORCHRUN_SH), str(TINY), "expert_model_parallel_size=1"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        time.sleep(1)  # inside the config check
-        os.killpg(proc.pid, signal.SIGUSR1)
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, output
+    # 1 s: inside the (3 s slower) config check
+    status, output = sigusr1_to_the_step([TINY, "expert_model_parallel_size=1"], env, after_s=1)
+    assert status == 0, output
     assert "SIGUSR1 before the training started: not starting it" in output
 
 
