@@ -62,6 +62,7 @@ def apply() -> None:
     _gloo_uneven_all_gather()
     _quiet_unknown_mlp_warning()
     _distributed_optimizer_step_per_param()
+    _distributed_optimizer_load_template()
     _foreach_multi_tensor_ops()
     if cpu_only():
         _cpu_current_device()
@@ -186,6 +187,31 @@ def _distributed_optimizer_step_per_param() -> None:
                 state["step"] = torch.tensor(saved, dtype=torch.float32, device=device)
 
     distrib_optimizer.DistributedOptimizer.load_state_dict = load_state_dict_with_saved_steps
+
+
+def _distributed_optimizer_load_template() -> None:
+    """0.16.x without transformer-engine/apex: `DistributedOptimizer.sharded_state_dict(...,
+    is_loading=True)` starts with `self.load_state_dict(self.state_dict())`, and `state_dict()`
+    asserts that torch's Adam state holds one 'step' (optimizer/distrib_optimizer.py,
+    state_dict). Before the first step that state is empty, so a fresh optimizer cannot build the
+    template a checkpoint loads into: this trainer's resume and Megatron-LM's `--load` with
+    `--use-distributed-optimizer` (its stock models too) stop at that assert. Fill the state
+    first with megatron-core's own `_init_optimizer_states_with_dummy_values` (one zero-gradient
+    step), as its fsdp_dtensor path does; the checkpoint overwrites everything that step set."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return  # fused Adam keeps `step` in the param groups: no per-parameter state to assert on
+    sharded_state_dict = distrib_optimizer.DistributedOptimizer.sharded_state_dict
+
+    def sharded_state_dict_with_state(self, model_sharded_state_dict=None, is_loading=False,
+                                      *args, **kwargs):
+        if is_loading and not self.optimizer.state:
+            self._init_optimizer_states_with_dummy_values()
+        return sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, *args,
+                                  **kwargs)
+
+    distrib_optimizer.DistributedOptimizer.sharded_state_dict = sharded_state_dict_with_state
 
 
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):

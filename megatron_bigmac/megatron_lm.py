@@ -110,6 +110,17 @@ def bigmac_config_from_args(args, config_from_args: Optional[Callable] = None, a
         raise ValueError("--moe-structure does not support --heterogeneous-layers-config-path")
     if getattr(args, "moe_layer_freq", 1) not in (1, None):
         raise ValueError("--moe-structure makes every layer MoE; leave --moe-layer-freq at 1")
+    for flag in ("--swiglu", "--quick-geglu", "--squared-relu"):
+        # Every layer is MoE, and the experts read only --moe-expert-activation: the flag would
+        # change nothing but Megatron-LM's logging (and a gated FLOPs count).
+        if getattr(args, flag[2:].replace("-", "_"), False):
+            raise ValueError(f"--moe-structure: {flag} does not reach the experts; use "
+                             f"--moe-expert-activation ({', '.join(EXPERT_ACTIVATIONS)})")
+    head_width = args.hidden_size // args.num_attention_heads
+    if getattr(args, "kv_channels", None) not in (None, head_width):
+        # megatron_bigmac.costs (the logged FLOPs, the parameter counts) assumes h / heads.
+        raise ValueError(f"--moe-structure supports --kv-channels = hidden_size / "
+                         f"num_attention_heads ({head_width}) only, got {args.kv_channels}")
     if not _flag_given("--moe-ffn-hidden-size", argv):
         # Megatron-LM's validate_args filled it from --ffn-hidden-size; the structure decides.
         args.moe_ffn_hidden_size = None
@@ -129,9 +140,10 @@ def num_floating_point_operations(args, batch_size, megatron_count: Optional[Cal
     from megatron_bigmac import costs
 
     # The config attribute names costs reads, mapped as core_transformer_config_from_args does.
+    # (--swiglu and the like are refused with --moe-structure: the experts' gating comes from
+    # --moe-expert-activation, which costs reads.)
     config = types.SimpleNamespace(**dict(
         vars(args), num_moe_experts=args.num_experts,
-        gated_linear_unit=bool(getattr(args, "swiglu", False) or getattr(args, "quick_geglu", False)),
         num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else None,
     ))
     shape = costs.MoEModelShape.from_config(config, seq_length=args.seq_length,

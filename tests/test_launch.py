@@ -554,6 +554,29 @@ def test_bigmac_config_from_args_errors_and_explicit_ffn():
     assert config.moe_ffn_hidden_size == 16  # r*h
 
 
+@pytest.mark.parametrize("flag", ["--swiglu", "--quick-geglu", "--squared-relu"])
+def test_bigmac_config_from_args_refuses_activation_flags_the_experts_ignore(flag):
+    """The experts read --moe-expert-activation only: --swiglu would build gelu experts while
+    Megatron-LM logged (and counted FLOPs for) gated ones."""
+    import megatron_bigmac.megatron_lm as glue
+
+    args = _megatron_args(**{flag[2:].replace("-", "_"): True})
+    with pytest.raises(ValueError, match=f"--moe-structure: {flag} does not reach the experts; "
+                                         "use --moe-expert-activation"):
+        glue.bigmac_config_from_args(args, _config_from_args, argv=[])
+
+
+def test_bigmac_config_from_args_refuses_kv_channels_other_than_the_head_width():
+    import megatron_bigmac.megatron_lm as glue
+
+    # Megatron-LM's validate_args sets kv_channels = h / heads (64 / 4) when not given.
+    config = glue.bigmac_config_from_args(_megatron_args(kv_channels=16), _config_from_args, argv=[])
+    assert config.kv_channels == 16
+    with pytest.raises(ValueError, match=r"--kv-channels = hidden_size / num_attention_heads "
+                                         r"\(16\) only, got 32"):
+        glue.bigmac_config_from_args(_megatron_args(kv_channels=32), _config_from_args, argv=[])
+
+
 def _paper_args(structure):
     """Megatron-LM's parsed args for the paper's GPT3-XL (docs/launch.md's command), as the
     training loop sees them once bigmac_builder has set the experts' width."""
@@ -738,6 +761,49 @@ shape = costs.MoEModelShape.from_config(model.config, seq_length=32, padded_voca
 print("flops", training.num_floating_point_operations(args, 2),
       costs.training_flops_per_iteration(shape, 2))
 '''
+
+
+DOCS_COMMAND_CHECK = r'''
+import shlex, sys
+mlm, docs = sys.argv[1], sys.argv[2]
+sys.path.insert(0, mlm)
+import megatron_bigmac  # noqa: F401
+from megatron.training import arguments
+from megatron.training.arguments import parse_args, validate_args
+from megatron.training.tokenizer.tokenizer import _vocab_size_with_padding
+arguments.get_device_arch_version = lambda: 9  # validate_args asks GPU 0 (TP > 1): say Hopper
+from megatron_bigmac.megatron_lm import add_bigmac_args, bigmac_config_from_args, num_floating_point_operations
+command = open(docs).read().split("Megatron-LM/pretrain_gpt.py \\\n", 1)[1].split("```", 1)[0]
+lines = [line.split("#", 1)[0].rstrip().rstrip("\\") for line in command.splitlines()]
+sys.argv = ["pretrain_gpt.py", *shlex.split(" ".join(lines))]
+args = parse_args(add_bigmac_args)
+validate_args(args, {})
+args.padded_vocab_size = _vocab_size_with_padding(50257, args, logging_enabled=False)
+config = bigmac_config_from_args(args, argv=sys.argv[1:])
+print("vocab", args.padded_vocab_size, "flops", num_floating_point_operations(args, args.global_batch_size),
+      "structure", config.moe_structure, "ffn", config.moe_ffn_hidden_size, "world", args.world_size)
+'''
+
+
+def test_docs_gpt3_xl_command_is_the_papers_model_in_megatron_lm(megatron_lm_copy, tmp_path):
+    """docs/launch.md's Megatron-LM command, through Megatron-LM's own parse_args and
+    validate_args on 32 ranks: Table 4's padded vocabulary (50,304) and FLOPs (3,649.00 T)."""
+    script = tmp_path / "docs_command.py"
+    script.write_text(DOCS_COMMAND_CHECK)
+    python = os.environ.get("MEGATRON_LM_PYTHON", sys.executable)
+    r = run([python, script, megatron_lm_copy, ROOT / "docs" / "launch.md"], cwd=ROOT,
+            timeout=300, env={"PYTHONPATH": str(ROOT), "WORLD_SIZE": "32", "RANK": "0",
+                              "CUDA_DEVICE_MAX_CONNECTIONS": "1"})  # as torchrun.sh sets it
+    missing = re.search(r"No module named '([^']+)'", r.stderr)
+    if r.returncode != 0 and missing and not missing.group(1).startswith("megatron"):
+        pytest.skip(f"Megatron-LM's training package needs '{missing.group(1)}'; install it or set "
+                    "MEGATRON_LM_PYTHON")
+    assert r.returncode == 0, r.stderr[-3000:]
+    vocab, flops, structure, ffn, world = re.search(
+        r"^vocab (\d+) flops (\S+) structure (\w+) ffn (\d+) world (\d+)$", r.stdout,
+        flags=re.M).groups()
+    assert (int(vocab), structure, int(ffn), int(world)) == (50304, "bigmac", 2048, 32)
+    assert round(float(flops) / 1e12, 2) == 3649.00
 
 
 @pytest.mark.parametrize("structure,layer,ffn", [("bigmac", "BigMacMoELayer", 64),

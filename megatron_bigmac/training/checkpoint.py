@@ -245,19 +245,6 @@ def check_compatible(saved: dict, cfg: TrainingConfig, where: Path) -> List[str]
     return changed(CHANGEABLE_KEYS)
 
 
-def _fill_empty_distributed_optimizer_state(optimizer) -> None:
-    """megatron-core 0.16.1 without transformer-engine/apex: DistributedOptimizer.state_dict()
-    asserts that torch's Adam state holds one 'step' (optimizer/distrib_optimizer.py, state_dict),
-    which is empty before the first step, so a fresh DistributedOptimizer cannot build the state
-    dict to load into. Its own _init_optimizer_states_with_dummy_values (one zero-gradient step)
-    fills it; everything that step touches is then overwritten by the checkpoint."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
-
-
 def checkpoint_to_resume(cfg: TrainingConfig) -> Optional[Tuple[Path, dict]]:
     """The checkpoint ``cfg.load`` names and its common state (iteration, config, ...), checked
     against ``cfg`` (``check_compatible``); None when there is nothing to load yet (a fresh run
@@ -309,8 +296,6 @@ def load_checkpoint(resume: Optional[Tuple[Path, dict]], model, optimizer,
     saved_layout, layout = _saved_layout(common), _parallel_layout()
     same_layout = saved_layout == layout
     with_optimizer = common["iteration"] > 0  # see save_checkpoint
-    if with_optimizer:
-        _fill_empty_distributed_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer, rank, world_size, is_loading=True,
                            with_optimizer=with_optimizer, with_rng=same_layout)
     loaded = dist_checkpointing.load(state, str(where))
