@@ -300,9 +300,8 @@ def parameter_counts(config: Optional[dict]) -> Optional[Dict[str, int]]:
     if built is None:
         return None
     from megatron_bigmac.costs import MoEModelShape, count_parameters
-    from megatron_bigmac.training.model import padded_vocab_size
-
     from megatron_bigmac.data.tokenizer import TokenizerFilesError
+    from megatron_bigmac.training.model import padded_vocab_size
 
     cfg, model = built
     positions = cfg.max_position_embeddings or cfg.seq_length  # the learned table
