@@ -108,7 +108,8 @@ def bigmac_config_from_args(args, config_from_args: Optional[Callable] = None, a
         raise ValueError("--moe-structure does not support --multi-latent-attention")
     if getattr(args, "heterogeneous_layers_config_path", None):
         raise ValueError("--moe-structure does not support --heterogeneous-layers-config-path")
-    if getattr(args, "moe_layer_freq", 1) not in (1, None):
+    freq = getattr(args, "moe_layer_freq", 1)  # an int, or one 0/1 per layer ("[1,1,...]")
+    if not (freq in (1, None) or isinstance(freq, list) and set(freq) == {1}):
         raise ValueError("--moe-structure makes every layer MoE; leave --moe-layer-freq at 1")
     for flag in ("--swiglu", "--quick-geglu", "--squared-relu"):
         # Every layer is MoE, and the experts read only --moe-expert-activation: the flag would

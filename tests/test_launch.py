@@ -577,6 +577,17 @@ def test_bigmac_config_from_args_refuses_kv_channels_other_than_the_head_width()
         glue.bigmac_config_from_args(_megatron_args(kv_channels=32), _config_from_args, argv=[])
 
 
+def test_bigmac_config_from_args_takes_a_moe_layer_freq_that_means_every_layer():
+    import megatron_bigmac.megatron_lm as glue
+
+    for freq in (1, [1, 1]):  # Megatron-LM parses --moe-layer-freq "[1,1]" into a list
+        glue.bigmac_config_from_args(_megatron_args(moe_layer_freq=freq), _config_from_args, argv=[])
+    for freq in (2, [1, 0]):
+        with pytest.raises(ValueError, match="leave --moe-layer-freq at 1"):
+            glue.bigmac_config_from_args(_megatron_args(moe_layer_freq=freq), _config_from_args,
+                                         argv=[])
+
+
 def _paper_args(structure):
     """Megatron-LM's parsed args for the paper's GPT3-XL (docs/launch.md's command), as the
     training loop sees them once bigmac_builder has set the experts' width."""
